@@ -1,0 +1,59 @@
+# kubetriage: `make demo` shows it working, `make test` proves it. Both install what they need.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+STAMP := .make/pip-installed
+PYTEST_ARGS ?=
+
+.PHONY: help deps system-deps control-plane lint test demo bench crds image kind-up clean
+
+help:
+	@echo "make demo          run the pipeline locally on the examples (no API key needed)"
+	@echo "make test          install what is missing, then lint and run every test"
+	@echo "make bench         throughput / latency / API-write benchmarks (not part of test)"
+	@echo "make crds          regenerate crds/ from operator/models.py"
+	@echo "make image         build the container image (needs a Docker engine)"
+	@echo "make kind-up       create a kind cluster and install the chart (needs Docker + kind)"
+
+$(STAMP): pyproject.toml
+	@echo "[deps] pip install -e .[test]"
+	@$(PIP) install -q --disable-pip-version-check -e ".[test]"
+	@mkdir -p .make && touch $(STAMP)
+
+deps: $(STAMP) system-deps control-plane
+
+system-deps:
+	@bash hack/system-deps.sh $(SYSTEM_DEPS_ARGS)
+
+control-plane:
+	@echo "[deps] control-plane binaries (cached after the first build)"
+	@bash hack/control-plane.sh >/dev/null
+
+lint: $(STAMP)
+	@echo "[lint] ruff + CRD drift"
+	@$(PYTHON) -m ruff check operator analyzers tests bench
+	@$(PYTHON) -m kubetriage.crdgen --check
+
+test: deps lint
+	@echo "[test] pytest against real kube-apiserver/etcd, Redis, PostgreSQL, SQLite"
+	@$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+demo: deps
+	@$(PYTHON) -m kubetriage.demo
+
+bench: deps
+	@$(PYTHON) -m bench.run
+
+crds: $(STAMP)
+	@$(PYTHON) -m kubetriage.crdgen
+
+image:
+	docker build -t kubetriage:$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2) .
+
+kind-up:
+	kind create cluster --name kubetriage
+	$(MAKE) image
+	kind load docker-image --name kubetriage kubetriage:$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2)
+	helm upgrade --install kubetriage charts/kubetriage --namespace kubetriage --create-namespace
+
+clean:
+	rm -rf .make .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Pure analysis engines: an AnalysisRequest in, a Verdict out. No Kubernetes, no Redis."""
