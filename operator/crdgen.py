@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubetriage import models
 from pydantic import BaseModel
+
+from kubetriage import models
 
 _PASS = {
     "type", "description", "enum", "format", "pattern", "minLength", "maxLength",

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import kopf
+
 from kubetriage.models import API_VERSION
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from kubetriage import devenv
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +41,8 @@ def cluster(harness_root: Path) -> Iterator[devenv.ControlPlane]:
     try:
         cp.start()
         cp.kubectl("apply", "-f", str(CRDS))
-        for crd in ("triagejobs.kubetriage.io", "triagepools.kubetriage.io"):
-            cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+        cp.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        cp.kubectl("apply", "-f", str(EXAMPLES / "00-priorityclasses.yaml"))
         os.environ["KUBECONFIG"] = str(cp.kubeconfig)
         yield cp
     finally:
@@ -64,6 +65,15 @@ def postgres_server(harness_root: Path) -> Iterator[devenv.Postgres]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def pipeline(cluster: devenv.ControlPlane, redis_server: devenv.Redis, tmp_path: Path):
+    """A fresh namespace, Redis prefix, SQLite database and local pod runner; start the operator in the test."""
+    from tests.pipeline import Pipeline
+
+    async with Pipeline(cluster, redis_server, tmp_path, f"sqlite:///{tmp_path / 'verdicts.db'}") as p:
+        yield p
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetriage import crdgen, models
 from pydantic import BaseModel
 
+from kubetriage import crdgen, models
 from tests.modelfill import full
 
 CRDS = Path(__file__).resolve().parent.parent / "crds"

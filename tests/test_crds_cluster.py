@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetriage import devenv, models
 
+from kubetriage import devenv, models
 from tests.conftest import EXAMPLES
 from tests.modelfill import full
 

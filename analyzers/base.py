@@ -1,0 +1,59 @@
+"""The analyzer contract: an AnalysisRequest in, a Verdict (or no opinion) out.
+
+Analyzers are pure with respect to infrastructure: no Kubernetes, no Redis.
+What they may consult beyond the request (past results, human verdicts) comes
+through the ``AnalysisContext`` the worker hands them, so tests run them on
+plain data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kubetriage.models import Alert, AnalyzerName, ScriptResult, Source, Verdict
+
+
+class AnalysisRequest(BaseModel):
+    """Everything a worker knows about one TriageJob: its spec plus identity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uid: str
+    name: str
+    namespace: str
+    source: Source
+    alert: Alert | None = None
+    script_result: ScriptResult | None = None
+    analyzer: AnalyzerName = AnalyzerName.AUTO
+    deadline_seconds: float = 300
+    attempt: int = 1
+    created_at: dt.datetime | None = None
+
+
+class PastResult(BaseModel):
+    """One earlier run of the same script, from the team's database."""
+
+    success: bool
+    finished_at: dt.datetime | None = None
+    commit: str | None = None
+
+
+class AnalysisContext(BaseModel):
+    """Side information for analyzers, gathered by the worker before the chain runs."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    now: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    script_history: list[PastResult] = Field(default_factory=list)
+    confidence_threshold: float = 0.7
+
+
+class Analyzer(Protocol):
+    """One engine in the chain. ``None`` means "no opinion": the chain moves on."""
+
+    name: str
+
+    async def analyze(self, request: AnalysisRequest, context: AnalysisContext) -> Verdict | None: ...

@@ -1,0 +1,95 @@
+"""kopf handlers: thin wrappers that call one module per operation.
+
+TriageJobs use ``on.event`` only: kopf keeps no progress annotations, no
+diff-base and no finalizer on them, so every API write a job costs is one we
+make ourselves (and count). TriagePools get a daemon (their control loop),
+which kopf stops on a standby replica.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from kubetriage import admission, metrics, pools, recording
+from kubetriage.config import Settings
+from kubetriage.models import GROUP, VERSION
+from kubetriage.runtime import Runtime
+
+log = logging.getLogger("kubetriage")
+
+
+def _rt(memo: kopf.Memo) -> Runtime:
+    return memo["runtime"]
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    cfg = Settings.from_env()
+    # Fixed before the first release: changing them would re-handle every object.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP, v1=False)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled", v1=False)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.enabled = False  # our own Events, one per terminal transition; not one per log line
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.chunk_size = 500
+    settings.batching.worker_limit = 256
+    settings.networking.request_timeout = 60
+    # Distinct priorities so one replica is active and the others stand by (equal ones would all pause).
+    settings.peering.priority = int(os.environ.get("KUBETRIAGE_PEERING_PRIORITY") or dt.datetime.now().timestamp())
+    memo["runtime"] = await Runtime.create(cfg)
+    metrics.start_server(cfg.metrics_port)
+    log.info("kubetriage operator %s started (identity %s)", GROUP, memo["runtime"].identity)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt = memo.get("runtime")
+    if rt is not None:
+        await rt.close()
+
+
+@kopf.on.event(GROUP, VERSION, "triagejobs")
+async def triagejob_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
+    body = event["object"]
+    if event.get("type") == "DELETED":
+        await admission.forget(rt, body)
+        return
+    await admission.admit(rt, body)
+    recording.backlog_from_status(rt, body)
+
+
+@kopf.on.event(GROUP, VERSION, "triagepools")
+async def triagepool_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
+    body = event["object"]
+    if event.get("type") == "DELETED":
+        rt.pools.pop(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
+        return
+    await pools.reconcile(rt, body)
+
+
+@kopf.daemon(GROUP, VERSION, "triagepools", cancellation_timeout=10, initial_delay=0)
+async def triagepool_loop(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    await pools.run_pool(_rt(memo), dict(body), stopped)
+
+
+@kopf.on.event("scheduling.k8s.io", "v1", "priorityclasses")
+async def priorityclass_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
+    body = event["object"]
+    name = body["metadata"]["name"]
+    if event.get("type") == "DELETED":
+        rt.priority_classes.pop(name, None)
+        return
+    known = rt.priority_classes.get(name)
+    rt.priority_classes[name] = int(body.get("value", 0))
+    if known is None and rt.waiting:
+        await admission.readmit_waiting(rt)

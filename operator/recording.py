@@ -1,0 +1,248 @@
+"""Recording: worker events from Redis -> TriageJob status, Events, and the database.
+
+The operator is the single writer. An event is acknowledged in Redis only
+after it is fully recorded, so a crash replays it; replays are harmless because
+the database write is keyed by job uid and the status write is skipped once a
+job is terminal. "Running" is written late (after ``running_status_delay``) so
+a fast job costs two status writes, not three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+from kubetriage.admission import condition, patch_status
+from kubetriage.kube import ApiError
+from kubetriage.models import Phase, Verdict
+from kubetriage.queue import Event
+from kubetriage.runtime import Runtime, now, rfc3339
+from kubetriage.sinks import SinkError, VerdictRecord
+
+log = logging.getLogger("kubetriage.recording")
+
+_FINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
+
+
+def _us_time(us: int) -> str:
+    return rfc3339(dt.datetime.fromtimestamp(us / 1_000_000, dt.UTC))
+
+
+async def handle(rt: Runtime, ev: Event) -> None:
+    if ev.type == "started":
+        _schedule_running(rt, ev)
+    elif ev.type == "result":
+        await _finish(rt, ev, succeeded=True)
+    elif ev.type == "failed":
+        await _finish(rt, ev, succeeded=False)
+    else:
+        log.warning("unknown event type %r in the event stream; dropped", ev.type)
+
+
+def _schedule_running(rt: Runtime, ev: Event) -> None:
+    loop = asyncio.get_running_loop()
+    old = rt.running_timers.pop(ev.uid, None)
+    if old:
+        old.cancel()
+
+    def fire() -> None:
+        rt.running_timers.pop(ev.uid, None)
+        task = loop.create_task(_write_running(rt, ev))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    rt.running_timers[ev.uid] = loop.call_later(rt.settings.running_status_delay_seconds, fire)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _write_running(rt: Runtime, ev: Event) -> None:
+    job = await rt.queue.job(ev.uid)
+    if not job or job.get("state") != "leased" or rt.phases.get(ev.uid) in _FINAL:
+        return
+    with contextlib.suppress(ApiError):
+        await patch_status(rt, job["ns"], job["name"], {
+            "phase": Phase.RUNNING.value, "startedAt": _us_time(ev.us), "attempts": ev.attempt,
+        })
+
+
+async def _finish(rt: Runtime, ev: Event, succeeded: bool) -> None:
+    handle_ = rt.running_timers.pop(ev.uid, None)
+    if handle_:
+        handle_.cancel()
+    job = await rt.queue.job(ev.uid)
+    if not job:
+        return  # deleted while running, or already recorded before a crash
+    ns, name = job["ns"], job["name"]
+    payload = json.loads(job.get("payload") or "{}")
+    identity = f"{ev.uid}/{name}"
+    started = int(job.get("started_us") or ev.us)
+    status: dict[str, Any] = {
+        "attempts": ev.attempt, "startedAt": _us_time(started), "completedAt": rfc3339(now()), "message": None,
+    }
+    gen = None
+    if succeeded:
+        verdict = Verdict.model_validate_json(ev.body)
+        record = _record(ev.uid, name, ns, payload, verdict, job, ev.attempt)
+        recorded = await record_in_db(rt, record)
+        status.update({
+            "phase": Phase.SUCCEEDED.value, "verdict": verdict.wire(), "recorded": recorded,
+            "conditions": [condition("Triaged", "True", "Succeeded", verdict.reason[:200], gen),
+                           condition("Recorded", "True" if recorded else "False",
+                                     "Recorded" if recorded else "DatabaseUnavailable",
+                                     "verdict in the database" if recorded else "retrying the database write", gen)],
+        })
+        event = ("Triaged", f"{verdict.classification} ({verdict.confidence:.2f}) by {verdict.analyzer}: "
+                 f"{verdict.reason}", "Normal")
+    else:
+        status.update({
+            "phase": Phase.FAILED.value, "message": f"gave up after {ev.attempt} attempt(s): {ev.body}"[:4096],
+            "conditions": [condition("Triaged", "False", "AttemptsExhausted", ev.body, gen)],
+        })
+        event = ("TriageFailed", status["message"], "Warning")
+
+    if rt.phases.get(ev.uid) not in _FINAL:
+        alive = await patch_status(rt, ns, name, status)
+        rt.phases[ev.uid] = status["phase"]
+        if alive:
+            with contextlib.suppress(ApiError):
+                await rt.kube.event({"metadata": {"name": name, "namespace": ns, "uid": ev.uid}}, *event)
+                rt.count_write("event")
+    await _resolve_duplicates(rt, identity, name, status, succeeded)
+    await rt.queue.remove(ev.uid)
+
+
+def _record(uid: str, name: str, ns: str, payload: dict[str, Any], verdict: Verdict, job: dict[str, str],
+            attempts: int, summary: str | None = None) -> VerdictRecord:
+    source = payload.get("source") or {}
+    if summary is None:
+        if source.get("type") == "alert":
+            alert = payload.get("alert") or {}
+            labels = ",".join(f"{k}={v}" for k, v in sorted((alert.get("labels") or {}).items()))
+            summary = f"{alert.get('name', '')} {{{labels}}}"
+        else:
+            sr = payload.get("script_result") or {}
+            summary = f"{sr.get('script_name', '')} {sr.get('test_case') or ''}: {sr.get('error_message') or ''}"
+    return VerdictRecord(
+        job_uid=uid, job_name=name, namespace=ns, source_type=source.get("type", "alert"),
+        source_id=source.get("id"), fingerprint=source.get("fingerprint"), verdict=verdict,
+        pool=job.get("pool"), priority_class=None, attempts=attempts, recorded_at=now(), summary=summary[:4096],
+    )
+
+
+async def record_in_db(rt: Runtime, record: VerdictRecord) -> bool:
+    """True when the database has it; otherwise it joins the backlog retried in the background."""
+    try:
+        await rt.sink.record(record)
+        rt.db_backlog.pop(record.job_uid, None)
+        return True
+    except (SinkError, OSError) as exc:
+        log.warning("database write for %s/%s failed, will retry: %s", record.namespace, record.job_name, exc)
+        rt.db_backlog[record.job_uid] = record
+        return False
+
+
+async def _resolve_duplicates(rt: Runtime, identity: str, primary_name: str, status: dict[str, Any],
+                              succeeded: bool) -> None:
+    if succeeded:
+        await rt.queue.remember_verdict(identity, json.dumps(status["verdict"]), rt.settings.dedup_window_seconds)
+    for raw in await rt.queue.take_duplicates(identity):
+        dup = json.loads(raw)
+        if succeeded:
+            verdict = Verdict.model_validate(status["verdict"])
+            rec = VerdictRecord(
+                job_uid=dup["uid"], job_name=dup["name"], namespace=dup["ns"], source_type=dup.get("type") or "alert",
+                source_id=dup.get("id"), fingerprint=None, verdict=verdict, pool=None, priority_class=None,
+                attempts=0, recorded_at=now(), summary=(dup.get("summary") or "")[:4096],
+            )
+            recorded = await record_in_db(rt, rec)
+            patch = {"verdict": status["verdict"], "recorded": recorded,
+                     "conditions": [condition("Triaged", "True", "Duplicate", f"verdict of {primary_name}", None)]}
+        else:
+            patch = {"phase": Phase.FAILED.value, "message": f"duplicate of {primary_name}, which failed"}
+        with contextlib.suppress(ApiError):
+            await patch_status(rt, dup["ns"], dup["name"], patch)
+
+
+async def retry_db_backlog(rt: Runtime) -> int:
+    """Write verdicts the database missed; mark their jobs recorded. Returns how many are left."""
+    for uid, record in list(rt.db_backlog.items()):
+        try:
+            await rt.sink.record(record)
+        except (SinkError, OSError):
+            break  # still down: try again on the next tick, in order
+        rt.db_backlog.pop(uid, None)
+        with contextlib.suppress(ApiError):
+            await patch_status(rt, record.namespace, record.job_name, {
+                "recorded": True,
+                "conditions": [condition("Triaged", "True", "Succeeded", record.verdict.reason[:200], None),
+                               condition("Recorded", "True", "Recorded", "verdict in the database", None)],
+            })
+    return len(rt.db_backlog)
+
+
+def backlog_from_status(rt: Runtime, body: dict[str, Any]) -> None:
+    """After a restart, terminal jobs whose verdict never reached the database re-join the backlog."""
+    status = body.get("status") or {}
+    if status.get("recorded") is not False or not status.get("verdict"):
+        return
+    meta, spec = body["metadata"], body.get("spec") or {}
+    source = spec.get("source") or {}
+    from kubetriage.admission import _summary
+
+    rt.db_backlog.setdefault(meta["uid"], VerdictRecord(
+        job_uid=meta["uid"], job_name=meta["name"], namespace=meta["namespace"],
+        source_type=source.get("type", "alert"), source_id=source.get("id"), fingerprint=status.get("fingerprint"),
+        verdict=Verdict.model_validate(status["verdict"]), pool=status.get("pool"),
+        priority_class=status.get("priorityClassName"), attempts=int(status.get("attempts") or 0),
+        recorded_at=now(), summary=_summary(spec),
+    ))
+
+
+async def consume(rt: Runtime, consumer: str, stop: asyncio.Event, concurrency: int = 64) -> None:
+    """Read worker events and record them, many at once; replay our own unacked ones first."""
+    await rt.queue.ensure_group()
+    sem = asyncio.Semaphore(concurrency)
+    pending_first = True
+    loop = asyncio.get_running_loop()
+    next_sweep = loop.time() + 5
+
+    async def one(ev: Event) -> None:
+        async with sem:
+            try:
+                await handle(rt, ev)
+            except Exception:
+                log.exception("recording %s for %s failed; it will be replayed", ev.type, ev.uid)
+                return
+            await rt.queue.ack(ev.id)
+
+    while not stop.is_set():
+        try:
+            events = await rt.queue.read_events(consumer, pending=pending_first, block_ms=500)
+            if pending_first and not events:
+                pending_first = False
+                continue
+            if pending_first:
+                await asyncio.gather(*(one(ev) for ev in events))
+                pending_first = False  # anything that failed again waits for the next claim sweep
+                continue
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + 15
+                events += await rt.queue.claim_stale(consumer, min_idle_ms=30_000)
+            tasks = [asyncio.create_task(one(ev)) for ev in events]
+            if tasks:
+                await asyncio.gather(*tasks)
+        except (OSError, ConnectionError) as exc:
+            log.warning("event stream unavailable (%s); retrying", exc)
+            await asyncio.sleep(1)
+        except Exception as exc:
+            if "NOGROUP" in str(exc):  # Redis lost its data: recreate the group
+                await rt.queue.ensure_group()
+                continue
+            log.exception("event consumer error; retrying")
+            await asyncio.sleep(1)

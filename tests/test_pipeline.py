@@ -1,0 +1,206 @@
+"""The triage pipeline end to end: real API server, Redis, SQLite, operator and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import pytest
+
+from kubetriage.models import API_VERSION
+from tests.conftest import EXAMPLES
+from tests.pipeline import Pipeline, alert_spec, script_spec, started
+
+pytestmark = pytest.mark.cluster
+
+
+async def test_examples_get_verdicts_in_status_events_and_database(pipeline: Pipeline) -> None:
+    files = [str(f) for f in sorted(EXAMPLES.glob("*.yaml")) if not f.name.startswith("00-")]
+    pipeline.cluster.kubectl("apply", "-n", pipeline.ns, *[arg for f in files for arg in ("-f", f)])
+    pipeline.start_operator()
+    names = [j["metadata"]["name"] for j in await pipeline.jobs()]
+    assert len(names) >= 6
+    jobs = await pipeline.wait_terminal(names)
+    for name in names:
+        st = jobs[name]["status"]
+        assert st["phase"] == "Succeeded", (name, st)
+        assert st["verdict"]["classification"] in {"false_positive", "valid", "inconclusive"}
+        assert st["verdict"]["discard"] == (st["verdict"]["classification"] == "false_positive")
+        assert st["recorded"] is True
+        assert st["attempts"] == 1
+        assert st["queuedAt"] <= st["startedAt"] <= st["completedAt"]
+        assert {c["type"]: c["status"] for c in st["conditions"]} == {"Triaged": "True", "Recorded": "True"}
+    assert jobs["script-backfill-dns"]["status"]["pool"] == f"{pipeline.ns}/backfill"
+    assert jobs["alert-api-down"]["status"]["verdict"]["classification"] == "valid"
+    assert jobs["alert-maintenance"]["status"]["verdict"]["classification"] == "false_positive"
+    rows = pipeline.audit_rows()
+    assert sorted(r["job_name"] for r in rows) == sorted(names)
+    for name in names:
+        events = await pipeline.wait(lambda n=name: pipeline.events_for(n), f"event for {name}")
+        assert [e["reason"] for e in events] == ["Triaged"]
+    deploys = json.loads(pipeline.cluster.kubectl("get", "deploy", "-n", pipeline.ns, "-o", "json").stdout)["items"]
+    pod = deploys[0]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert deploys[0]["metadata"]["ownerReferences"][0]["kind"] == "TriagePool"
+
+
+async def _create_queued(p: Pipeline, name: str, spec: dict) -> None:
+    await p.job(name, spec)
+    await p.wait_phase([name], {"Queued"}, timeout=30)
+
+
+async def test_strict_priority_then_fifo_then_lower_classes(pipeline: Pipeline) -> None:
+    """One slot, nine queued jobs in mixed order: p1 (FIFO) first, then p2, then p3 (work-conserving)."""
+    p = pipeline
+    await p.pool("default", concurrency=1, replicas={"min": 0, "max": 0})
+    p.start_operator()
+    order = ["p3", "p1", "p2", "p3", "p1", "p2", "p3", "p1", "p2"]
+    names = []
+    for i, cls in enumerate(order):
+        name = f"{cls}-{i}"
+        names.append(name)
+        await _create_queued(p, name, script_spec(f"s{i}", spec={"priorityClassName": f"kubetriage-{cls}"}))
+    await asyncio.sleep(0.5)
+    assert all((j.get("status") or {}).get("phase") == "Queued" for j in await p.jobs()), "no worker yet"
+    await p.patch_pool("default", {"replicas": {"min": 1, "max": 1}})
+    jobs = await p.wait_terminal(names)
+    by_start = sorted(names, key=lambda n: started(jobs[n]))
+    expected = sorted(names, key=lambda n: (n.split("-")[0], int(n.split("-")[1])))
+    assert by_start == expected
+
+
+async def test_duplicates_are_analysed_once_and_share_the_verdict(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.pool("default", concurrency=1, replicas={"min": 0, "max": 0})
+    p.start_operator()
+    spec = alert_spec("DiskFull", labels={"instance": "db-1", "flaps_last_hour": "7"}, consecutiveCount=1)
+    await _create_queued(p, "first", spec)
+    await p.job("second", {**spec, "alert": {**spec["alert"], "labels": {"instance": "db-1", "flaps_last_hour": "8"}}})
+    dup = await p.wait_phase(["second"], {"Duplicate"}, timeout=30)
+    assert dup["second"]["status"]["duplicateOf"] == "first"
+    assert "verdict" not in dup["second"]["status"]
+    await p.patch_pool("default", {"replicas": {"min": 1, "max": 1}})
+    jobs = await p.wait_terminal(["first", "second"])
+    assert jobs["second"]["status"]["verdict"] == jobs["first"]["status"]["verdict"]
+    # after the primary is done, a third copy gets the verdict at admission without any analysis
+    await p.job("third", spec)
+    jobs = await p.wait_terminal(["third"])
+    assert jobs["third"]["status"]["phase"] == "Duplicate"
+    assert jobs["third"]["status"]["verdict"] == jobs["first"]["status"]["verdict"]
+    await p.wait(lambda: asyncio.sleep(0, len(p.audit_rows()) == 3), "three audit rows")
+    rows = p.audit_rows()
+    assert Counter(r["job_name"] for r in rows) == {"first": 1, "second": 1, "third": 1}
+    # a different fingerprint is not a duplicate
+    await p.job("other", alert_spec("DiskFull", labels={"instance": "db-2"}))
+    jobs = await p.wait_terminal(["other"])
+    assert jobs["other"]["status"]["phase"] == "Succeeded"
+
+
+async def test_job_waits_for_its_priority_class_and_pool(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.start_operator()
+    late = f"late-{p.ns}"
+    await p.job("waiting", script_spec(spec={"priorityClassName": late}))
+    jobs = await p.wait_phase(["waiting"], {"Pending"}, timeout=30)
+    st = jobs["waiting"]["status"]
+    assert st["conditions"][0]["reason"] == "PriorityClassNotFound"
+    assert late in st["message"]
+    pipeline.cluster.kubectl("create", "-f", "-", input=json.dumps({
+        "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": late}, "value": 5}))
+    try:
+        jobs = await p.wait(lambda: _reason(p, "waiting", "PoolNotFound"), "PoolNotFound")
+        await p.pool("default", concurrency=2)
+        jobs = await p.wait_terminal(["waiting"])
+        assert jobs["waiting"]["status"]["priority"] == 5
+    finally:
+        pipeline.cluster.kubectl("delete", "priorityclass", late, check=False)
+
+
+async def _reason(p: Pipeline, name: str, reason: str) -> bool:
+    st = (await p.get(name)).get("status") or {}
+    return any(c.get("reason") == reason for c in st.get("conditions") or [])
+
+
+async def test_rate_limit_spaces_job_starts(pipeline: Pipeline) -> None:
+    """A pool limited to 4 jobs/s with burst 1: 9 jobs cannot all start within 2 s."""
+    p = pipeline
+    await p.pool("default", concurrency=8, rateLimit={"jobsPerSecond": 4, "burst": 1})
+    p.start_operator()
+    names = [f"r{i}" for i in range(9)]
+    await asyncio.gather(*(p.job(n, script_spec(f"rl{n}")) for n in names))
+    jobs = await p.wait_terminal(names)
+    starts = sorted(started(jobs[n]) for n in names)
+    from kubetriage.runtime import parse_time
+
+    span = (parse_time(starts[-1]) - parse_time(starts[0])).total_seconds()
+    assert span >= 8 / 4 - 0.05  # the bucket admits one job per 250 ms after the first
+
+
+async def test_operator_crash_and_restart_loses_nothing(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.pool("default", concurrency=2, replicas={"min": 1, "max": 1})
+    op = p.start_operator()
+    names = [f"c{i}" for i in range(40)]
+    await asyncio.gather(*(p.job(n, script_spec(f"crash{n}")) for n in names[:20]))
+    await p.wait(lambda: _count_phase(p, "Succeeded", 3), "some jobs done")
+    op.kill()
+    await asyncio.gather(*(p.job(n, script_spec(f"crash{n}")) for n in names[20:]))
+    p.start_operator("operator2")
+    jobs = await p.wait_terminal(names, timeout=120)
+    assert {j["status"]["phase"] for j in jobs.values()} == {"Succeeded"}
+    await p.wait(lambda: asyncio.sleep(0, len(p.audit_rows()) == len(names)), "all audit rows")
+    assert Counter(r["job_uid"] for r in p.audit_rows()).most_common(1)[0][1] == 1
+
+
+async def _count_phase(p: Pipeline, phase: str, n: int) -> bool:
+    return sum((j.get("status") or {}).get("phase") == phase for j in await p.jobs()) >= n
+
+
+@pytest.mark.parametrize("how", ["flushall", "restart"])
+async def test_redis_loses_everything_mid_run(pipeline: Pipeline, how: str) -> None:
+    p = pipeline
+    await p.pool("default", concurrency=2, replicas={"min": 1, "max": 1}, rateLimit={"jobsPerSecond": 20})
+    p.start_operator()
+    names = [f"f{i}" for i in range(30)]
+    await asyncio.gather(*(p.job(n, script_spec(f"flush{n}")) for n in names))
+    await p.wait(lambda: _count_phase(p, "Succeeded", 3), "some jobs done")
+    if how == "flushall":
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(p.redis.url)
+        await client.flushall()
+        await client.aclose()
+    else:
+        p.redis.restart()
+    jobs = await p.wait_terminal(names, timeout=120)
+    assert {j["status"]["phase"] for j in jobs.values()} == {"Succeeded"}
+    await p.wait(lambda: asyncio.sleep(0, len(p.audit_rows()) == len(names)), "all audit rows")
+    assert Counter(r["job_uid"] for r in p.audit_rows()).most_common(1)[0][1] == 1
+
+
+async def test_api_writes_per_job_are_few(pipeline: Pipeline) -> None:
+    """Counted from the API server's own audit log: status PATCHes per job after creation."""
+    p = pipeline
+    await p.pool("default", concurrency=4)
+    p.start_operator()
+    names = [f"w{i}" for i in range(10)]
+    await asyncio.gather(*(p.job(n, script_spec(f"w{n}")) for n in names))
+    await p.wait_terminal(names)
+    await asyncio.sleep(2.5)  # the audit log is written in batches (1 s)
+    log = p.cluster.root / "logs" / "audit.log"
+    writes = Counter()
+    for line in log.read_text().splitlines():
+        ev = json.loads(line)
+        ref = ev.get("objectRef") or {}
+        if ref.get("namespace") != p.ns or ev.get("stage") != "ResponseComplete":
+            continue
+        if ref.get("resource") == "triagejobs" and ev["verb"] != "create":
+            writes[ref.get("name")] += 1
+        if ref.get("resource") == "events":
+            writes["<events>"] += 1
+    per_job = [writes[n] for n in names]
+    assert max(per_job) <= 2, writes
+    assert writes["<events>"] == len(names)
+    assert API_VERSION
