@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from kubetriage import __version__
 from kubetriage.config import Settings
@@ -39,7 +40,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         namespaces=namespaces,
         standalone=standalone,
         peering_name=None if standalone else (args.peering or settings.peering),
-        priority=args.priority,
+        # Distinct priorities so one replica is active and the others stand by (equal ones would all pause):
+        # by default the start time in milliseconds, so a newer replica (a rolling update) takes over.
+        priority=args.priority if args.priority is not None else int(time.time() * 1000) % 2**31,
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
     )
     return 0

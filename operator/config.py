@@ -47,10 +47,13 @@ class Settings(BaseModel):
     health_port: int = Field(8081, ge=0, le=65535, description="Liveness /healthz port of the operator (0 = off).")
     peering: str = Field("kubetriage", description="kopf peering name: replicas with it elect one active.")
     standalone: bool = Field(False, description="Run without peering (single replica, tests).")
+    peering_lifetime_seconds: int = Field(
+        60, ge=2, le=3600, description="A silent replica counts as gone after this (standby takeover time)."
+    )
     # worker
     pool: str = Field("", description="Worker: the pool it serves, as namespace/name.")
     concurrency: int = Field(8, ge=1, le=1024, description="Worker: jobs analysed at once.")
-    analyzer_chain: str = Field("auto", description="Worker: auto | rules | memory | llm | vision.")
+    analyzer_chain: str = Field("auto", description="Worker: auto, rules, memory, llm or vision.")
     confidence_threshold: float = Field(0.7, ge=0, le=1, description="Worker: first verdict at or above wins.")
     shutdown_grace_seconds: float = Field(10, ge=0, description="Worker: time to finish jobs on SIGTERM.")
     llm_base_url: str = Field("https://openrouter.ai/api/v1", description="OpenAI-compatible endpoint.")
@@ -58,6 +61,9 @@ class Settings(BaseModel):
     llm_vision_model: str = Field("", description="Vision model for screenshots.")
     llm_api_key: str = Field("", repr=False, description="API key (from a Secret in the chart).")
     llm_timeout_seconds: float = Field(60, gt=0, description="Per LLM request.")
+    llm_max_retries: int = Field(3, ge=0, le=10, description="Retries of one LLM request on 429/5xx/timeouts.")
+    llm_price_per_1k_prompt: float = Field(0, ge=0, description="USD per 1000 prompt tokens (cost accounting).")
+    llm_price_per_1k_completion: float = Field(0, ge=0, description="USD per 1000 completion tokens.")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -8,9 +8,7 @@ which kopf stops on a standby replica.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import os
 from typing import Any
 
 import kopf
@@ -41,9 +39,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.chunk_size = 500
     settings.batching.worker_limit = 256
     settings.networking.request_timeout = 60
-    # Distinct priorities so one replica is active and the others stand by (equal ones would all pause).
-    settings.peering.priority = int(os.environ.get("KUBETRIAGE_PEERING_PRIORITY") or dt.datetime.now().timestamp())
+    settings.peering.lifetime = cfg.peering_lifetime_seconds
     memo["runtime"] = await Runtime.create(cfg)
+    if not cfg.standalone:
+        await memo["runtime"].ensure_peering_objects()
     metrics.start_server(cfg.metrics_port)
     log.info("kubetriage operator %s started (identity %s)", GROUP, memo["runtime"].identity)
 

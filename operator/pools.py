@@ -53,6 +53,7 @@ def worker_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> dict[str, A
         {"name": "KUBETRIAGE_RETRY_BACKOFF_MAX_SECONDS", "value": str(s.retry_backoff_max_seconds)},
         {"name": "KUBETRIAGE_LLM_TIMEOUT_SECONDS", "value": str(spec.analyzer.timeout_seconds)},
         {"name": "KUBETRIAGE_METRICS_PORT", "value": str(s.metrics_port)},
+        {"name": "KUBETRIAGE_SHUTDOWN_GRACE_SECONDS", "value": str(s.shutdown_grace_seconds)},
     ]
     if s.redis_url_secret:
         secret, _, key = s.redis_url_secret.partition("/")

@@ -85,7 +85,7 @@ for _, prio in ipairs(prios) do
     if rate > 0 then redis.call('HSET', bucket, 'tokens', tokens - 1, 'ts', now_ms) end
     redis.call('XADD', prefix..':events', 'MAXLEN', '~', 100000, '*',
                'type', 'started', 'uid', uid, 'attempt', attempts, 'us', now_us, 'worker', worker)
-    return {'job', uid, redis.call('HGET', jk, 'payload'), tostring(attempts), now_us}
+    return {'job', uid, redis.call('HGET', jk, 'payload'), tostring(attempts), now_us, redis.call('HGET', jk, 'max')}
   end
   if redis.call('ZCARD', qk) == 0 then redis.call('ZREM', prefix..':prios:'..pool, prio) end
 end
@@ -209,6 +209,7 @@ class Claimed:
     payload: dict[str, Any]
     attempt: int
     started_us: int
+    max_attempts: int = 1
 
 
 @dataclass(frozen=True)
@@ -402,7 +403,8 @@ class Queue:
         kind = res[0].decode()
         if kind == "wait":
             return int(res[1]) / 1000.0
-        return Claimed(uid=res[1].decode(), payload=json.loads(res[2]), attempt=int(res[3]), started_us=int(res[4]))
+        return Claimed(uid=res[1].decode(), payload=json.loads(res[2]), attempt=int(res[3]), started_us=int(res[4]),
+                       max_attempts=int(res[5] or 1))
 
     async def wait_for_work(self, pool: str, timeout_s: float) -> None:
         await self.r.blpop([self.k("wake", pool)], timeout=timeout_s)

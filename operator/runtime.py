@@ -125,5 +125,22 @@ class Runtime:
                 return self.pools[f"{ns}/{name}"]
         return None
 
+    async def ensure_peering_objects(self) -> None:
+        """kopf's peering needs its object to exist; without it every replica would think it is alone."""
+        from kubetriage.kube import ApiError
+
+        name = self.settings.peering
+        targets = [(f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings", "KopfPeering", ns)
+                   for ns in self.settings.watched_namespaces]
+        if not targets:
+            targets = [("/apis/kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", None)]
+        for path, kind, ns in targets:
+            meta: dict[str, Any] = {"name": name, **({"namespace": ns} if ns else {})}
+            try:
+                await self.kube.create(path, {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": meta})
+            except ApiError as exc:
+                if exc.status not in (409, 403):  # exists already, or created by the chart and not ours to make
+                    raise
+
     def count_write(self, kind: str) -> None:
         self.write_counter[kind] = self.write_counter.get(kind, 0) + 1

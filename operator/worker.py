@@ -22,8 +22,10 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from kubetriage import metrics
-from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest
+from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest, Analyzer
 from kubetriage.analyzers.chain import run_offline_chain
+from kubetriage.analyzers.llm import LLMAnalyzer, LLMConfig, LLMError
+from kubetriage.analyzers.rules import RulesAnalyzer
 from kubetriage.config import Settings
 from kubetriage.models import Verdict
 from kubetriage.queue import Claimed, Queue
@@ -42,13 +44,32 @@ class Worker:
         self.lease_ms = int(settings.lease_seconds * 1000)
         self.stopping = asyncio.Event()
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.offline: list[Analyzer] = [RulesAnalyzer()]
+        self.llm: LLMAnalyzer | None = None
+        if settings.llm_model:
+            self.llm = LLMAnalyzer(LLMConfig(
+                base_url=settings.llm_base_url, model=settings.llm_model, api_key=settings.llm_api_key,
+                timeout_seconds=settings.llm_timeout_seconds, max_retries=settings.llm_max_retries,
+                price_per_1k_prompt=settings.llm_price_per_1k_prompt,
+                price_per_1k_completion=settings.llm_price_per_1k_completion,
+            ))
 
     async def analyse(self, job: Claimed) -> Verdict:
+        """Offline analyzers first, then the LLM; on the last attempt a dead LLM falls back to offline."""
         request = AnalysisRequest.model_validate({**job.payload, "attempt": job.attempt})
         context = AnalysisContext(confidence_threshold=self.s.confidence_threshold)
         if self.s.analyzer_chain != "auto" and request.analyzer == "auto":
             request = request.model_copy(update={"analyzer": self.s.analyzer_chain})
-        return await run_offline_chain(request, context)
+        passing = request.script_result is not None and request.script_result.success
+        chain = [*self.offline, self.llm] if self.llm and not passing else self.offline
+        try:
+            return await run_offline_chain(request, context, chain)
+        except LLMError as exc:
+            if request.analyzer != "auto" or job.attempt < job.max_attempts:
+                raise  # retried with backoff; an explicitly requested LLM never silently becomes rules
+            verdict = await run_offline_chain(request, context, self.offline)
+            note = f" [LLM unavailable after {job.attempt} attempt(s): {exc}]"
+            return verdict.model_copy(update={"reason": (verdict.reason + note)[:4096]})
 
     async def _heartbeat(self, uid: str, task: asyncio.Task[None]) -> None:
         """Renew the lease; if it is lost (deleted job, or expired and re-queued) stop the work."""
@@ -141,6 +162,8 @@ class Worker:
         for slot in slots:
             slot.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
+        if self.llm:
+            await self.llm.aclose()
         await self.redis.aclose()
 
 
