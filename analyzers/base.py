@@ -16,8 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from kubetriage.models import Alert, AnalyzerName, ScriptResult, Source, Verdict
 
 
+class PastResult(BaseModel):
+    """One earlier run of the same script, from the team's database."""
+
+    success: bool
+    finished_at: dt.datetime | None = None
+    commit: str | None = None
+
+
 class AnalysisRequest(BaseModel):
-    """Everything a worker knows about one TriageJob: its spec plus identity."""
+    """Everything a worker knows about one TriageJob: its spec plus identity.
+
+    ``script_history`` is filled by the operator at admission from the team's
+    ``script_results`` table (workers have no database access).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,14 +43,7 @@ class AnalysisRequest(BaseModel):
     deadline_seconds: float = 300
     attempt: int = 1
     created_at: dt.datetime | None = None
-
-
-class PastResult(BaseModel):
-    """One earlier run of the same script, from the team's database."""
-
-    success: bool
-    finished_at: dt.datetime | None = None
-    commit: str | None = None
+    script_history: list[PastResult] = []
 
 
 class AnalysisContext(BaseModel):

@@ -7,14 +7,15 @@ after Redis lost its data. It writes status at most once per job.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubetriage import fingerprint
-from kubetriage.analyzers.base import AnalysisRequest
+from kubetriage import fingerprint, metrics
+from kubetriage.analyzers.base import AnalysisRequest, PastResult
 from kubetriage.kube import ApiError, triagejob_path
 from kubetriage.models import Analysis, Phase, SourceType, TriageJobSpec
 from kubetriage.runtime import Runtime, now, parse_time, rfc3339
@@ -64,15 +65,30 @@ def _summary(spec: dict[str, Any]) -> str:
     return f"{sr.get('scriptName', '')} {sr.get('testCase') or ''}: {sr.get('errorMessage') or ''}"[:4096]
 
 
-def request_payload(body: dict[str, Any], spec: TriageJobSpec) -> dict[str, Any]:
+def request_payload(body: dict[str, Any], spec: TriageJobSpec,
+                    history: list[PastResult] | None = None) -> dict[str, Any]:
     meta = body["metadata"]
     analysis = spec.analysis or Analysis()
     req = AnalysisRequest(
         uid=meta["uid"], name=meta["name"], namespace=meta["namespace"], source=spec.source,
         alert=spec.alert, script_result=spec.script_result, analyzer=analysis.analyzer,
         deadline_seconds=analysis.deadline_seconds, created_at=parse_time(meta.get("creationTimestamp")),
+        script_history=history or [],
     )
     return req.model_dump(mode="json", exclude_none=True)
+
+
+async def script_history(rt: Runtime, spec: TriageJobSpec) -> list[PastResult]:
+    """Past runs of the same script from the team's table: flakiness evidence. Best effort, bounded."""
+    if spec.script_result is None:
+        return []
+    try:
+        rows = await asyncio.wait_for(rt.sink.script_history(
+            spec.script_result.script_name, limit=20, exclude_id=spec.source.id), timeout=2)
+    except Exception as exc:  # no history is no reason to hold a job back
+        log.debug("no script history for %s: %s", spec.script_result.script_name, exc)
+        return []
+    return [PastResult(success=ok, finished_at=at) for ok, at in rows]
 
 
 async def admit(rt: Runtime, body: dict[str, Any]) -> None:
@@ -81,6 +97,7 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
     status = body.get("status") or {}
     phase = status.get("phase")
     rt.phases[uid] = phase or ""
+    rt.sources[uid] = ((body.get("spec") or {}).get("source") or {}).get("type", "")
     generation = meta.get("generation")
 
     if phase == Phase.DUPLICATE.value and not status.get("verdict"):
@@ -153,6 +170,7 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
                 dup_status["verdict"] = json.loads(verdict)
                 dup_status["recorded"] = False
             await patch_status(rt, ns, name, dup_status)
+            metrics.JOBS_DUPLICATE.labels(spec.source.type).inc()
             return
 
     queued_at = parse_time(status.get("queuedAt"))
@@ -161,7 +179,8 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
     score = int(queued_at.timestamp() * 1_000_000)
     analysis = spec.analysis or Analysis()
     await rt.queue.enqueue(
-        uid=uid, pool=pool.key, priority=priority, payload=request_payload(body, spec), namespace=ns, name=name,
+        uid=uid, pool=pool.key, priority=priority, payload=request_payload(body, spec, await script_history(rt, spec)),
+        namespace=ns, name=name,
         max_attempts=analysis.max_attempts, attempts=int(status.get("attempts") or 0), score_us=score,
     )
     if fresh or phase not in _ACTIVE:
@@ -170,6 +189,7 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
             "message": None,
             "conditions": [condition("Triaged", "False", "Queued", f"waiting in pool {pool.key}", generation)],
         })
+        metrics.JOBS_ADMITTED.labels(pool.key, pc_name, spec.source.type).inc()
 
 
 async def _relink_duplicate(rt: Runtime, body: dict[str, Any]) -> None:
@@ -213,6 +233,7 @@ async def forget(rt: Runtime, body: dict[str, Any]) -> None:
     uid = body["metadata"]["uid"]
     rt.waiting.pop(uid, None)
     rt.phases.pop(uid, None)
+    rt.sources.pop(uid, None)
     handle = rt.running_timers.pop(uid, None)
     if handle:
         handle.cancel()

@@ -7,11 +7,14 @@ by a test, so a setting cannot exist without being documented.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "KUBETRIAGE_"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_LABEL_RE = re.compile(DNS_LABEL)
 
 
 class Settings(BaseModel):
@@ -36,7 +39,7 @@ class Settings(BaseModel):
     retry_backoff_seconds: float = Field(2, ge=0, description="First retry delay; doubles per attempt.")
     retry_backoff_max_seconds: float = Field(300, ge=0, description="Cap of the retry delay.")
     running_status_delay_seconds: float = Field(
-        1.0, ge=0, description="Write phase Running only for jobs still running after this (saves API writes)."
+        2.0, ge=0, description="Write phase Running only for jobs still running after this (saves API writes)."
     )
     scale_down_delay_seconds: float = Field(60, ge=0, description="Backlog must stay low this long to scale down.")
     worker_image: str = Field("ghcr.io/kubetriage/kubetriage:0.1.0", description="Image of worker pods.")
@@ -64,6 +67,31 @@ class Settings(BaseModel):
     llm_max_retries: int = Field(3, ge=0, le=10, description="Retries of one LLM request on 429/5xx/timeouts.")
     llm_price_per_1k_prompt: float = Field(0, ge=0, description="USD per 1000 prompt tokens (cost accounting).")
     llm_price_per_1k_completion: float = Field(0, ge=0, description="USD per 1000 completion tokens.")
+    # ingest (HTTP endpoints for Alertmanager, script results and JUnit uploads; in the operator process)
+    ingest_port: int = Field(8000, ge=0, le=65535, description="Ingest HTTP port (0 = off).")
+    ingest_token: str = Field(
+        "", repr=False, description="Bearer token for ingest (from a Secret); empty and no tokens file = refuse all."
+    )
+    ingest_tokens_file: str = Field(
+        "", description="JSON/YAML file mapping token -> allowed namespaces (first = default), for per-team tokens."
+    )
+    ingest_namespace: str = Field(
+        "default", pattern=DNS_LABEL, description="Namespace of ingested TriageJobs when the request names none."
+    )
+    ingest_allowed_namespaces: str = Field(
+        "", description="Comma list of namespaces ingest_token may write to; empty = only ingest_namespace."
+    )
+    ingest_max_body_bytes: int = Field(
+        1048576, ge=1024, le=64 * 1048576, description="Largest ingest request body; larger gets 413."
+    )
+    ingest_rate_per_second: float = Field(
+        50, ge=0, description="Ingest requests per second per token, per replica (0 = unlimited); over it 429."
+    )
+    ingest_burst: int = Field(100, ge=1, description="Ingest requests a token may send at once above the rate.")
+    alert_priority_map: str = Field(
+        "critical=kubetriage-p1,warning=kubetriage-p2,info=kubetriage-p3",
+        description="Alert severity label -> PriorityClass, as value=class pairs; unmapped = alert_priority_class.",
+    )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -83,6 +111,30 @@ class Settings(BaseModel):
             ]
             raise SystemExit("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
+    @field_validator("ingest_allowed_namespaces")
+    @classmethod
+    def _namespaces_are_dns_labels(cls, value: str) -> str:
+        bad = [n for n in _split(value) if not _DNS_LABEL_RE.match(n)]
+        if bad:
+            raise ValueError(f"not a namespace name: {', '.join(bad)}")
+        return value
+
+    @field_validator("alert_priority_map")
+    @classmethod
+    def _priority_map_is_pairs(cls, value: str) -> str:
+        parse_priority_map(value)
+        return value
+
+    @property
+    def ingest_namespaces(self) -> list[str]:
+        """Where ``ingest_token`` may write; its first entry is the default (``ingest_namespace``)."""
+        extra = [n for n in _split(self.ingest_allowed_namespaces) if n != self.ingest_namespace]
+        return [self.ingest_namespace, *extra]
+
+    @property
+    def alert_priorities(self) -> dict[str, str]:
+        return parse_priority_map(self.alert_priority_map)
+
     @property
     def watched_namespaces(self) -> list[str]:
         return [n.strip() for n in self.namespaces.split(",") if n.strip()]
@@ -93,3 +145,18 @@ class Settings(BaseModel):
         for name, value in self.model_dump().items():
             out[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
+
+
+def _split(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def parse_priority_map(value: str) -> dict[str, str]:
+    """``critical=kubetriage-p1,warning=kubetriage-p2`` -> dict; a malformed pair raises ValueError naming it."""
+    out: dict[str, str] = {}
+    for pair in _split(value):
+        key, sep, cls = pair.partition("=")
+        if not sep or not key.strip() or not cls.strip():
+            raise ValueError(f"expected severity=PriorityClass pairs separated by commas, got {pair!r}")
+        out[key.strip()] = cls.strip()
+    return out

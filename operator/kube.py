@@ -1,20 +1,24 @@
-"""A small async Kubernetes REST client on httpx, using kopf's own login.
+"""A small async Kubernetes REST client on aiohttp, using kopf's own login.
 
 kopf already parses kubeconfigs and in-cluster service accounts; reusing its
 ``ConnectionInfo`` means the operator's writes authenticate exactly like its
-watches do, without a second, heavier client library in memory.
+watches do, without a second, heavier client library in memory. aiohttp is
+kopf's own HTTP stack; it costs about half the CPU per request of httpx here,
+which matters at thousands of status writes a minute (measured with py-spy
+during ``make bench``).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import json as _json
 import os
 import ssl
 import tempfile
 from typing import Any
 
-import httpx
+import aiohttp
 import kopf
 
 from kubetriage.models import API_VERSION
@@ -35,6 +39,7 @@ def _as_bytes(data: str | bytes) -> bytes:
 
 
 def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    """The TLS context for the API server (aiohttp takes ``False`` to skip verification)."""
     if info.insecure:
         return False
     ctx = ssl.create_default_context()
@@ -75,29 +80,46 @@ class Kube:
         headers = {"Accept": "application/json"}
         if info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
-        auth = (info.username, info.password or "") if info.username else None
+        self._auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
         self.default_namespace = info.default_namespace or "default"
-        self.http = httpx.AsyncClient(
-            base_url=info.server.rstrip("/"),
-            verify=_ssl_context(info),
-            headers=headers,
-            auth=auth,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
-        )
+        self.server = info.server.rstrip("/")
+        self._ssl = _ssl_context(info)
+        self._headers = headers
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        # created lazily: an aiohttp session must be born inside the running event loop
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, auth=self._auth, timeout=self._timeout,
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
+                json_serialize=lambda obj: _json.dumps(obj, separators=(",", ":")),
+            )
+        return self._session
 
     async def close(self) -> None:
-        await self.http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    async def request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
-        resp = await self.http.request(method, path, **kw)
-        if resp.status_code >= 400:
+    async def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                      json: Any = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        clean = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()}
+        try:
+            async with self.session.request(method, self.server + path, params=clean or None, json=json,
+                                            headers=headers) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # one error type for callers: an unreachable API server is a retryable 503
+            raise ApiError(503, f"API server {self.server} unreachable: {exc!r}", "ServiceUnavailable") from exc
+        if status >= 400:
             try:
-                body = resp.json()
-                raise ApiError(resp.status_code, body.get("message", resp.text), body.get("reason", ""))
+                detail = _json.loads(body)
             except ValueError:
-                raise ApiError(resp.status_code, resp.text[:500]) from None
-        return resp.json() if resp.content else {}
+                raise ApiError(status, body[:500].decode(errors="replace")) from None
+            raise ApiError(status, detail.get("message", body[:500].decode(errors="replace")), detail.get("reason", ""))
+        return _json.loads(body) if body else {}
 
     async def get(self, path: str, **params: Any) -> dict[str, Any]:
         return await self.request("GET", path, params=params or None)

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from kubetriage import admission, recording
+from kubetriage import admission, metrics, overrides, recording
 from kubetriage.kube import ApiError, deployment_path, triagepool_path
 from kubetriage.models import TriagePoolSpec
 from kubetriage.runtime import PoolInfo, Runtime
@@ -114,6 +114,36 @@ def worker_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> dict[str, A
     return body
 
 
+_exported: dict[str, set[str]] = {}
+
+
+def _export_queue(pool: str, depth: dict[str, int], oldest: dict[str, float]) -> None:
+    """Set the per-priority gauges; priorities that emptied are set to 0 rather than left stale."""
+    seen = _exported.setdefault(pool, set())
+    for prio in seen - set(depth):
+        metrics.QUEUE_DEPTH.labels(pool, prio).set(0)
+        metrics.QUEUE_OLDEST.labels(pool, prio).set(0)
+    for prio, n in depth.items():
+        metrics.QUEUE_DEPTH.labels(pool, prio).set(n)
+        metrics.QUEUE_OLDEST.labels(pool, prio).set(oldest.get(prio, 0.0))
+    seen |= set(depth)
+
+
+def _export_jobs(rt: Runtime) -> None:
+    counts: dict[tuple[str, str], int] = {}
+    for uid, phase in rt.phases.items():
+        key = (phase or "New", rt.sources.get(uid, ""))
+        counts[key] = counts.get(key, 0) + 1
+    for (phase, source), n in counts.items():
+        metrics.JOBS.labels(phase, source).set(n)
+    for labels in list(_jobs_exported - set(counts)):
+        metrics.JOBS.labels(*labels).set(0)
+    _jobs_exported.update(counts)
+
+
+_jobs_exported: set[tuple[str, str]] = set()
+
+
 async def apply_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> None:
     body = worker_deployment(rt, pool, replicas)
     await rt.kube.apply(deployment_path(pool.namespace, body["metadata"]["name"]), body)
@@ -158,8 +188,12 @@ async def run_pool(rt: Runtime, body: dict[str, Any], stopped: kopf.DaemonStoppe
             try:
                 if not await rt.queue.epoch_ok():
                     await admission.rebuild(rt)
-                await rt.queue.reap(pool.key, int(s.retry_backoff_seconds * 1000),
-                                    int(s.retry_backoff_max_seconds * 1000))
+                    await overrides.seed_memory(rt)
+                retried, failed = await rt.queue.reap(pool.key, int(s.retry_backoff_seconds * 1000),
+                                                      int(s.retry_backoff_max_seconds * 1000))
+                if retried or failed:
+                    metrics.LEASE_EXPIRIES.labels(pool.key).inc(retried + failed)
+                    metrics.RETRIES.labels(pool.key, "lease_expired").inc(retried)
                 if rt.db_backlog:
                     await recording.retry_db_backlog(rt)
                 pool = rt.pools.get(pool.key, pool)
@@ -167,6 +201,8 @@ async def run_pool(rt: Runtime, body: dict[str, Any], stopped: kopf.DaemonStoppe
                 depth = await rt.queue.depth(pool.key)
                 running = depth.pop("running", 0)
                 backlog = sum(depth.values())
+                _export_queue(pool.key, depth, await rt.queue.oldest_queued_age(pool.key))
+                _export_jobs(rt)
                 desired = _desired(spec, backlog, running)
                 if desired > current:
                     low_since = None

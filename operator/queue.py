@@ -85,7 +85,8 @@ for _, prio in ipairs(prios) do
     if rate > 0 then redis.call('HSET', bucket, 'tokens', tokens - 1, 'ts', now_ms) end
     redis.call('XADD', prefix..':events', 'MAXLEN', '~', 100000, '*',
                'type', 'started', 'uid', uid, 'attempt', attempts, 'us', now_us, 'worker', worker)
-    return {'job', uid, redis.call('HGET', jk, 'payload'), tostring(attempts), now_us, redis.call('HGET', jk, 'max')}
+    return {'job', uid, redis.call('HGET', jk, 'payload'), tostring(attempts), now_us, redis.call('HGET', jk, 'max'),
+            redis.call('HGET', jk, 'score')}
   end
   if redis.call('ZCARD', qk) == 0 then redis.call('ZREM', prefix..':prios:'..pool, prio) end
 end
@@ -210,6 +211,7 @@ class Claimed:
     attempt: int
     started_us: int
     max_attempts: int = 1
+    queued_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,25 @@ class Queue:
 
     async def remove(self, uid: str) -> None:
         await self._remove(args=[self.prefix, uid])
+
+    async def remove_many(self, uids: list[str]) -> None:
+        if not uids:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for uid in uids:
+            await self._remove(args=[self.prefix, uid], client=pipe)
+        await pipe.execute()
+
+    async def jobs(self, uids: list[str]) -> dict[str, dict[str, str]]:
+        """Many job hashes in one round trip (missing ones are left out)."""
+        pipe = self.r.pipeline(transaction=False)
+        for uid in uids:
+            pipe.hgetall(self.k("job", uid))
+        out = {}
+        for uid, raw in zip(uids, await pipe.execute(), strict=True):
+            if raw:
+                out[uid] = {k.decode(): v.decode() for k, v in raw.items()}
+        return out
 
     async def dedup(
         self, namespace: str, fingerprint: str, uid: str, member: str, window_s: int
@@ -404,7 +425,7 @@ class Queue:
         if kind == "wait":
             return int(res[1]) / 1000.0
         return Claimed(uid=res[1].decode(), payload=json.loads(res[2]), attempt=int(res[3]), started_us=int(res[4]),
-                       max_attempts=int(res[5] or 1))
+                       max_attempts=int(res[5] or 1), queued_us=int(float(res[6] or 0)))
 
     async def wait_for_work(self, pool: str, timeout_s: float) -> None:
         await self.r.blpop([self.k("wake", pool)], timeout=timeout_s)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
 from typing import Any
 
+from kubetriage import metrics
 from kubetriage.admission import condition, patch_status
 from kubetriage.kube import ApiError
 from kubetriage.models import Phase, Verdict
@@ -33,14 +35,61 @@ def _us_time(us: int) -> str:
 
 
 async def handle(rt: Runtime, ev: Event) -> None:
-    if ev.type == "started":
-        _schedule_running(rt, ev)
-    elif ev.type == "result":
-        await _finish(rt, ev, succeeded=True)
-    elif ev.type == "failed":
-        await _finish(rt, ev, succeeded=False)
-    else:
-        log.warning("unknown event type %r in the event stream; dropped", ev.type)
+    """One event (the batch path with a batch of one)."""
+    await handle_batch(rt, [ev])
+
+
+async def handle_batch(rt: Runtime, events: list[Event]) -> list[str]:
+    """Record a batch of worker events; returns the ids that are done and may be acknowledged.
+
+    Verdicts of the batch go to the database in one transaction (one commit for
+    a burst, not one per job); status and Event writes then run concurrently.
+    """
+    done: list[str] = []
+    finals: dict[str, Event] = {}
+    for ev in events:
+        if ev.type == "started":
+            _schedule_running(rt, ev)
+            done.append(ev.id)
+        elif ev.type in ("result", "failed"):
+            if ev.uid in finals:  # a replayed duplicate inside one batch: the first one wins
+                done.append(ev.id)
+            else:
+                finals[ev.uid] = ev
+        else:
+            log.warning("unknown event type %r in the event stream; dropped", ev.type)
+            done.append(ev.id)
+    if not finals:
+        return done
+    jobs = await rt.queue.jobs(list(finals))
+    plans: list[_Plan] = []
+    for uid, ev in finals.items():
+        job = jobs.get(uid)
+        if not job:
+            done.append(ev.id)  # deleted while running, or already recorded before a crash
+            continue
+        plans.append(_plan(ev, job))
+    records = [pl.record for pl in plans if pl.record is not None]
+    flags = await record_many_in_db(rt, records)
+    for pl in plans:
+        if pl.record is not None:
+            pl.recorded = flags[pl.record.job_uid]
+    sem = asyncio.Semaphore(64)
+
+    async def write(pl: _Plan) -> str | None:
+        async with sem:
+            try:
+                await _write_plan(rt, pl)
+            except Exception:
+                log.exception("recording %s for %s/%s failed; it will be replayed", pl.ev.type, pl.ns, pl.name)
+                return None
+            return pl.ev.id
+
+    written = await asyncio.gather(*(write(pl) for pl in plans))
+    ok = [pl for pl, eid in zip(plans, written, strict=True) if eid]
+    await rt.queue.remove_many([pl.ev.uid for pl in ok])
+    done += [pl.ev.id for pl in ok]
+    return done
 
 
 def _schedule_running(rt: Runtime, ev: Event) -> None:
@@ -71,50 +120,69 @@ async def _write_running(rt: Runtime, ev: Event) -> None:
         })
 
 
-async def _finish(rt: Runtime, ev: Event, succeeded: bool) -> None:
-    handle_ = rt.running_timers.pop(ev.uid, None)
-    if handle_:
-        handle_.cancel()
-    job = await rt.queue.job(ev.uid)
-    if not job:
-        return  # deleted while running, or already recorded before a crash
+@dataclasses.dataclass
+class _Plan:
+    ev: Event
+    ns: str
+    name: str
+    status: dict[str, Any]
+    record: VerdictRecord | None
+    recorded: bool = False
+
+
+def _plan(ev: Event, job: dict[str, str]) -> _Plan:
     ns, name = job["ns"], job["name"]
     payload = json.loads(job.get("payload") or "{}")
-    identity = f"{ev.uid}/{name}"
     started = int(job.get("started_us") or ev.us)
     status: dict[str, Any] = {
         "attempts": ev.attempt, "startedAt": _us_time(started), "completedAt": rfc3339(now()), "message": None,
     }
-    gen = None
-    if succeeded:
+    record = None
+    if ev.type == "result":
         verdict = Verdict.model_validate_json(ev.body)
         record = _record(ev.uid, name, ns, payload, verdict, job, ev.attempt)
-        recorded = await record_in_db(rt, record)
-        status.update({
-            "phase": Phase.SUCCEEDED.value, "verdict": verdict.wire(), "recorded": recorded,
-            "conditions": [condition("Triaged", "True", "Succeeded", verdict.reason[:200], gen),
-                           condition("Recorded", "True" if recorded else "False",
-                                     "Recorded" if recorded else "DatabaseUnavailable",
-                                     "verdict in the database" if recorded else "retrying the database write", gen)],
-        })
-        event = ("Triaged", f"{verdict.classification} ({verdict.confidence:.2f}) by {verdict.analyzer}: "
-                 f"{verdict.reason}", "Normal")
+        status.update({"phase": Phase.SUCCEEDED.value, "verdict": verdict.wire()})
     else:
         status.update({
             "phase": Phase.FAILED.value, "message": f"gave up after {ev.attempt} attempt(s): {ev.body}"[:4096],
-            "conditions": [condition("Triaged", "False", "AttemptsExhausted", ev.body, gen)],
+            "conditions": [condition("Triaged", "False", "AttemptsExhausted", ev.body, None)],
         })
-        event = ("TriageFailed", status["message"], "Warning")
+    return _Plan(ev, ns, name, status, record)
 
+
+async def _write_plan(rt: Runtime, pl: _Plan) -> None:
+    ev, status = pl.ev, pl.status
+    succeeded = ev.type == "result"
+    if succeeded:
+        assert pl.record is not None
+        verdict = pl.record.verdict
+        status["recorded"] = pl.recorded
+        status["conditions"] = [
+            condition("Triaged", "True", "Succeeded", verdict.reason[:200], None),
+            condition("Recorded", "True" if pl.recorded else "False",
+                      "Recorded" if pl.recorded else "DatabaseUnavailable",
+                      "verdict in the database" if pl.recorded else "retrying the database write", None),
+        ]
+        event = ("Triaged", f"{verdict.classification} ({verdict.confidence:.2f}) by {verdict.analyzer}: "
+                 f"{verdict.reason}", "Normal")
+    else:
+        event = ("TriageFailed", status["message"], "Warning")
     if rt.phases.get(ev.uid) not in _FINAL:
-        alive = await patch_status(rt, ns, name, status)
+        if succeeded:
+            metrics.VERDICTS.labels(verdict.classification, verdict.analyzer, verdict.check_type).inc()
+        else:
+            metrics.JOBS_FAILED.labels("attempts_exhausted").inc()
+    handle_ = rt.running_timers.pop(ev.uid, None)
+    if handle_:
+        handle_.cancel()
+    if rt.phases.get(ev.uid) not in _FINAL:
+        alive = await patch_status(rt, pl.ns, pl.name, status)
         rt.phases[ev.uid] = status["phase"]
         if alive:
             with contextlib.suppress(ApiError):
-                await rt.kube.event({"metadata": {"name": name, "namespace": ns, "uid": ev.uid}}, *event)
+                await rt.kube.event({"metadata": {"name": pl.name, "namespace": pl.ns, "uid": ev.uid}}, *event)
                 rt.count_write("event")
-    await _resolve_duplicates(rt, identity, name, status, succeeded)
-    await rt.queue.remove(ev.uid)
+    await _resolve_duplicates(rt, f"{ev.uid}/{pl.name}", pl.name, status, succeeded)
 
 
 def _record(uid: str, name: str, ns: str, payload: dict[str, Any], verdict: Verdict, job: dict[str, str],
@@ -135,6 +203,25 @@ def _record(uid: str, name: str, ns: str, payload: dict[str, Any], verdict: Verd
     )
 
 
+async def record_many_in_db(rt: Runtime, records: list[VerdictRecord]) -> dict[str, bool]:
+    """job uid -> in the database; on failure all of them join the backlog retried in the background."""
+    if not records:
+        return {}
+    try:
+        await rt.sink.record_many(records)
+    except (SinkError, OSError) as exc:
+        log.warning("database write of %d verdict(s) failed, will retry: %s", len(records), exc)
+        metrics.DB_FAILURES.inc()
+        for rec in records:
+            rt.db_backlog[rec.job_uid] = rec
+        metrics.DB_BACKLOG.set(len(rt.db_backlog))
+        return {rec.job_uid: False for rec in records}
+    for rec in records:
+        rt.db_backlog.pop(rec.job_uid, None)
+    metrics.DB_BACKLOG.set(len(rt.db_backlog))
+    return {rec.job_uid: True for rec in records}
+
+
 async def record_in_db(rt: Runtime, record: VerdictRecord) -> bool:
     """True when the database has it; otherwise it joins the backlog retried in the background."""
     try:
@@ -143,7 +230,9 @@ async def record_in_db(rt: Runtime, record: VerdictRecord) -> bool:
         return True
     except (SinkError, OSError) as exc:
         log.warning("database write for %s/%s failed, will retry: %s", record.namespace, record.job_name, exc)
+        metrics.DB_FAILURES.inc()
         rt.db_backlog[record.job_uid] = record
+        metrics.DB_BACKLOG.set(len(rt.db_backlog))
         return False
 
 
@@ -177,6 +266,7 @@ async def retry_db_backlog(rt: Runtime) -> int:
         except (SinkError, OSError):
             break  # still down: try again on the next tick, in order
         rt.db_backlog.pop(uid, None)
+        metrics.DB_BACKLOG.set(len(rt.db_backlog))
         with contextlib.suppress(ApiError):
             await patch_status(rt, record.namespace, record.job_name, {
                 "recorded": True,
@@ -204,39 +294,21 @@ def backlog_from_status(rt: Runtime, body: dict[str, Any]) -> None:
     ))
 
 
-async def consume(rt: Runtime, consumer: str, stop: asyncio.Event, concurrency: int = 64) -> None:
-    """Read worker events and record them, many at once; replay our own unacked ones first."""
+async def consume(rt: Runtime, consumer: str, stop: asyncio.Event) -> None:
+    """Read worker events and record them a batch at a time; replay our own unacked ones first."""
     await rt.queue.ensure_group()
-    sem = asyncio.Semaphore(concurrency)
     pending_first = True
     loop = asyncio.get_running_loop()
     next_sweep = loop.time() + 5
-
-    async def one(ev: Event) -> None:
-        async with sem:
-            try:
-                await handle(rt, ev)
-            except Exception:
-                log.exception("recording %s for %s failed; it will be replayed", ev.type, ev.uid)
-                return
-            await rt.queue.ack(ev.id)
-
     while not stop.is_set():
         try:
-            events = await rt.queue.read_events(consumer, pending=pending_first, block_ms=500)
-            if pending_first and not events:
-                pending_first = False
-                continue
-            if pending_first:
-                await asyncio.gather(*(one(ev) for ev in events))
-                pending_first = False  # anything that failed again waits for the next claim sweep
-                continue
+            events = await rt.queue.read_events(consumer, pending=pending_first, block_ms=500, count=512)
+            pending_first = False
             if loop.time() >= next_sweep:
                 next_sweep = loop.time() + 15
                 events += await rt.queue.claim_stale(consumer, min_idle_ms=30_000)
-            tasks = [asyncio.create_task(one(ev)) for ev in events]
-            if tasks:
-                await asyncio.gather(*tasks)
+            if events:
+                await rt.queue.ack(*await handle_batch(rt, events))
         except (OSError, ConnectionError) as exc:
             log.warning("event stream unavailable (%s); retrying", exc)
             await asyncio.sleep(1)

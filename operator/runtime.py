@@ -66,6 +66,7 @@ class Runtime:
     waiting: dict[str, tuple[str, str]] = field(default_factory=dict)
     # uid -> phase of every job seen, to skip work on already-terminal jobs cheaply
     phases: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
     running_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     db_backlog: dict[str, VerdictRecord] = field(default_factory=dict)
     caches_loaded: bool = False

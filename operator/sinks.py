@@ -36,7 +36,7 @@ import datetime as dt
 import logging
 import sqlite3
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -231,6 +231,8 @@ class Sink(Protocol):
 
     async def record(self, rec: VerdictRecord) -> bool: ...
 
+    async def record_many(self, recs: Sequence[VerdictRecord]) -> list[bool]: ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -420,28 +422,37 @@ class SqliteSink:
         await self._run("setup", body)
 
     async def record(self, rec: VerdictRecord) -> bool:
-        params = _audit_params(rec)
-        params["recorded_at"] = _sqlite_time(params["recorded_at"])
-        is_user = rec.check_type is CheckType.USER
+        return (await self.record_many([rec]))[0]
 
-        def body(conn: sqlite3.Connection) -> bool:
-            def tx() -> bool:
-                if is_user:
-                    existed = conn.execute(
-                        f"SELECT 1 FROM {AUDIT_TABLE} WHERE job_uid = ? AND check_type = ?",
-                        (params["job_uid"], params["check_type"]),
-                    ).fetchone()
-                    applied = conn.execute(_SQLITE["upsert"], params).rowcount > 0
-                    inserted = applied and existed is None
-                else:
-                    applied = inserted = conn.execute(_SQLITE["insert"], params).rowcount > 0
-                if applied and params["source_id"] is not None:
-                    self._update_user_row(conn, rec, params)
-                return inserted
+    async def record_many(self, recs: Sequence[VerdictRecord]) -> list[bool]:
+        """Several verdicts in one transaction: one fsync for a burst instead of one per verdict."""
+        if not recs:
+            return []
+        items = []
+        for rec in recs:
+            params = _audit_params(rec)
+            params["recorded_at"] = _sqlite_time(params["recorded_at"])
+            items.append((rec, params))
 
-            return self._tx(conn, tx)
+        def one(conn: sqlite3.Connection, rec: VerdictRecord, params: dict[str, Any]) -> bool:
+            if rec.check_type is CheckType.USER:
+                existed = conn.execute(
+                    f"SELECT 1 FROM {AUDIT_TABLE} WHERE job_uid = ? AND check_type = ?",
+                    (params["job_uid"], params["check_type"]),
+                ).fetchone()
+                applied = conn.execute(_SQLITE["upsert"], params).rowcount > 0
+                inserted = applied and existed is None
+            else:
+                applied = inserted = conn.execute(_SQLITE["insert"], params).rowcount > 0
+            if applied and params["source_id"] is not None:
+                self._update_user_row(conn, rec, params)
+            return inserted
 
-        return await self._run(f"record of job {params['job_uid']}", body)
+        def body(conn: sqlite3.Connection) -> list[bool]:
+            return self._tx(conn, lambda: [one(conn, rec, params) for rec, params in items])
+
+        what = f"record of job {items[0][1]['job_uid']}" if len(items) == 1 else f"record of {len(items)} jobs"
+        return await self._run(what, body)
 
     def _update_user_row(self, conn: sqlite3.Connection, rec: VerdictRecord, params: dict[str, Any]) -> None:
         table = USER_TABLES[SourceType(rec.source_type)]
@@ -693,19 +704,28 @@ class PostgresSink:
         await self._run("setup", body)
 
     async def record(self, rec: VerdictRecord) -> bool:
-        params = _audit_params(rec)
-        is_user = rec.check_type is CheckType.USER
+        return (await self.record_many([rec]))[0]
 
-        async def body(conn: AConn) -> bool:
+    async def record_many(self, recs: Sequence[VerdictRecord]) -> list[bool]:
+        """Several verdicts in one transaction (one commit for a burst)."""
+        if not recs:
+            return []
+        items = [(rec, _audit_params(rec)) for rec in recs]
+
+        async def body(conn: AConn) -> list[bool]:
+            out = []
             async with conn.transaction():
-                cur = await conn.execute(_PG["upsert"] if is_user else _PG["insert"], params)
-                row = await cur.fetchone()
-                applied = row is not None
-                if applied and params["source_id"] is not None:
-                    await self._update_user_row(conn, rec, params)
-                return bool(row[0]) if row is not None else False
+                for rec, params in items:
+                    is_user = rec.check_type is CheckType.USER
+                    cur = await conn.execute(_PG["upsert"] if is_user else _PG["insert"], params)
+                    row = await cur.fetchone()
+                    if row is not None and params["source_id"] is not None:
+                        await self._update_user_row(conn, rec, params)
+                    out.append(bool(row[0]) if row is not None else False)
+            return out
 
-        return await self._run(f"record of job {params['job_uid']}", body)
+        what = f"record of job {items[0][1]['job_uid']}" if len(items) == 1 else f"record of {len(items)} jobs"
+        return await self._run(what, body)
 
     async def _update_user_row(self, conn: AConn, rec: VerdictRecord, params: dict[str, Any]) -> None:
         table = USER_TABLES[SourceType(rec.source_type)]

@@ -57,19 +57,29 @@ class Worker:
     async def analyse(self, job: Claimed) -> Verdict:
         """Offline analyzers first, then the LLM; on the last attempt a dead LLM falls back to offline."""
         request = AnalysisRequest.model_validate({**job.payload, "attempt": job.attempt})
-        context = AnalysisContext(confidence_threshold=self.s.confidence_threshold)
+        context = AnalysisContext(confidence_threshold=self.s.confidence_threshold,
+                                  script_history=request.script_history)
         if self.s.analyzer_chain != "auto" and request.analyzer == "auto":
             request = request.model_copy(update={"analyzer": self.s.analyzer_chain})
         passing = request.script_result is not None and request.script_result.success
         chain = [*self.offline, self.llm] if self.llm and not passing else self.offline
         try:
-            return await run_offline_chain(request, context, chain)
+            verdict = await run_offline_chain(request, context, chain)
         except LLMError as exc:
+            metrics.LLM_REQUESTS.labels(self.s.llm_model, "error").inc()
             if request.analyzer != "auto" or job.attempt < job.max_attempts:
                 raise  # retried with backoff; an explicitly requested LLM never silently becomes rules
             verdict = await run_offline_chain(request, context, self.offline)
             note = f" [LLM unavailable after {job.attempt} attempt(s): {exc}]"
             return verdict.model_copy(update={"reason": (verdict.reason + note)[:4096]})
+        if verdict.model and verdict.analyzer in ("llm", "vision"):
+            metrics.LLM_REQUESTS.labels(verdict.model, "verdict").inc()
+            if verdict.tokens:
+                metrics.LLM_TOKENS.labels(verdict.model, "prompt").inc(verdict.tokens.prompt)
+                metrics.LLM_TOKENS.labels(verdict.model, "completion").inc(verdict.tokens.completion)
+            if verdict.cost_usd:
+                metrics.LLM_COST.labels(verdict.model).inc(verdict.cost_usd)
+        return verdict
 
     async def _heartbeat(self, uid: str, task: asyncio.Task[None]) -> None:
         """Renew the lease; if it is lost (deleted job, or expired and re-queued) stop the work."""
@@ -94,8 +104,9 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            await self.queue.fail_attempt(job.uid, self.id, f"analysis exceeded its {deadline:.0f}s deadline",
-                                          *backoff)
+            if await self.queue.fail_attempt(job.uid, self.id, f"analysis exceeded its {deadline:.0f}s deadline",
+                                             *backoff) == 1:
+                metrics.RETRIES.labels(pool, "deadline").inc()
             metrics.WORKER_JOBS.labels(pool, "timeout").inc()
             return
         except ValidationError as exc:
@@ -104,8 +115,9 @@ class Worker:
             metrics.WORKER_JOBS.labels(pool, "invalid").inc()
             return
         except Exception as exc:  # an analyzer failure is an attempt failure, never a dead worker
-            log.exception("analysis of %s failed", job.uid)
-            await self.queue.fail_attempt(job.uid, self.id, f"{type(exc).__name__}: {exc}", *backoff)
+            log.warning("analysis of %s failed (attempt %d/%d): %s", job.uid, job.attempt, job.max_attempts, exc)
+            if await self.queue.fail_attempt(job.uid, self.id, f"{type(exc).__name__}: {exc}", *backoff) == 1:
+                metrics.RETRIES.labels(pool, type(exc).__name__).inc()
             metrics.WORKER_JOBS.labels(pool, "error").inc()
             return
         metrics.ANALYSIS_SECONDS.labels(pool, verdict.analyzer).observe(time.monotonic() - t0)
@@ -131,6 +143,8 @@ class Worker:
             if isinstance(got, float):
                 await asyncio.sleep(min(got, 1.0))
                 continue
+            if got.queued_us:
+                metrics.QUEUE_WAIT.labels(self.s.pool).observe(max(0.0, (got.started_us - got.queued_us) / 1e6))
             task = asyncio.create_task(self._run_one(got))
             self.inflight[got.uid] = task
             beat = asyncio.create_task(self._heartbeat(got.uid, task))

@@ -1,0 +1,343 @@
+"""``make bench``: throughput, queue wait, API writes and memory of the real pipeline.
+
+Everything runs here for real (kube-apiserver + etcd, Redis, SQLite, the
+operator and worker processes); the LLM is the local fake at a fixed latency
+L, so the ideal throughput with C worker slots is C / L and efficiency is
+measured against it. The baseline (bench/baseline.py, the original design)
+runs in the same session on the same machine, so ratios compare like with like.
+
+Results: a table on stdout and bench/results/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.baseline import run_baseline
+from kubetriage import devenv, localrun
+from kubetriage.kube import Kube, triagejob_path, triagepool_path
+from kubetriage.localpods import LocalPods
+from kubetriage.models import API_VERSION
+from kubetriage.runtime import parse_time
+
+REPO = devenv.REPO_ROOT
+sys.path.insert(0, str(REPO))
+from tests.fakellm import FakeLLM, verdict_content  # noqa: E402 - the fake LLM lives with the tests
+
+CLASSES = ["kubetriage-p1", "kubetriage-p2", "kubetriage-p3"]
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def job_body(name: str, i: int, priority: str, label: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION, "kind": "TriageJob",
+        "metadata": {"name": name, "labels": {"bench": label}},
+        "spec": {
+            "source": {"type": "scriptResult", "id": str(i), "fingerprint": f"bench-{label}-{i}"},
+            "priorityClassName": priority,
+            "scriptResult": {"scriptName": f"suite-{i % 50}", "success": False,
+                             "errorMessage": f"AssertionError: expected 200, got 500 (run {i})"},
+            "analysis": {"analyzer": "llm", "maxAttempts": 3},
+        },
+    }
+
+
+async def create_jobs(kube: Kube, ns: str, bodies: list[dict[str, Any]], parallel: int = 48) -> float:
+    sem = asyncio.Semaphore(parallel)
+
+    async def one(body: dict[str, Any]) -> None:
+        async with sem:
+            await kube.create(triagejob_path(ns), body)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(b) for b in bodies))
+    return time.monotonic() - t0
+
+
+async def list_jobs(kube: Kube, ns: str, label: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cont = None
+    while True:
+        page = await kube.get(triagejob_path(ns), labelSelector=f"bench={label}", limit=1000,
+                              **({"continue": cont} if cont else {}))
+        items += page["items"]
+        cont = page["metadata"].get("continue")
+        if not cont:
+            return items
+
+
+async def wait_phase(kube: Kube, ns: str, label: str, n: int, phases: set[str], timeout: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        items = await list_jobs(kube, ns, label)
+        done = [j for j in items if (j.get("status") or {}).get("phase") in phases]
+        if len(done) >= n:
+            return items
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timeout: {len(done)}/{n} jobs labelled {label} reached {phases}")
+        await asyncio.sleep(0.5)
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(RSS MiB, CPU seconds) of a process from /proc."""
+    rss = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def api_writes(audit_log: Path, ns: str, names: set[str]) -> tuple[float, float, Counter[str]]:
+    """Status writes per job after creation, and Events per job, from the API server's audit log."""
+    per_job: Counter[str] = Counter()
+    events = 0
+    verbs: Counter[str] = Counter()
+    for line in audit_log.read_text().splitlines():
+        ev = json.loads(line)
+        ref = ev.get("objectRef") or {}
+        if ref.get("namespace") != ns or ev.get("stage") != "ResponseComplete":
+            continue
+        if ref.get("resource") == "triagejobs" and ev["verb"] != "create" and ref.get("name") in names:
+            per_job[ref["name"]] += 1
+            verbs[f"{ev['verb']} {ref.get('subresource', '')}".strip()] += 1
+        elif ref.get("resource") == "events" and ev["verb"] == "create":
+            events += 1
+    return sum(per_job.values()) / max(1, len(names)), events / max(1, len(names)), verbs
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "params": vars(args),
+    }
+    latency = args.latency_ms / 1000
+    with devenv.temp_root("kubetriage-bench-") as root:
+        cp = devenv.ControlPlane(root / "cp").start()
+        redis = devenv.Redis(root / "redis").start()
+        llm = FakeLLM(default=verdict_content("valid", "bench verdict", 0.9), latency=latency).start()
+        kube = None
+        pods_stop = asyncio.Event()
+        pods_task = None
+        op = None
+        try:
+            cp.kubectl("apply", "-f", str(REPO / "crds"))
+            cp.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+            cp.kubectl("apply", "-f", str(REPO / "examples" / "00-priorityclasses.yaml"))
+            ns = "bench"
+            cp.kubectl("create", "namespace", ns)
+            os.environ["KUBECONFIG"] = str(cp.kubeconfig)
+            kube = Kube()
+            env = localrun.operator_env(
+                kubeconfig=cp.kubeconfig, redis_url=redis.url, database_url=f"sqlite:///{root / 'verdicts.db'}",
+                namespaces=ns, standalone=True, worker_image="kubetriage:bench", dedup_window_seconds=0,
+                scale_down_delay_seconds=3600)
+            op = localrun.start_operator(root, env)
+            pods = LocalPods(kube, namespace=ns, log_dir=root / "pods", extra_env={"KUBETRIAGE_METRICS_PORT": "0"})
+            pods_task = asyncio.create_task(pods.run(pods_stop))
+            replicas = args.replicas
+            per_pod = args.concurrency // replicas
+            slots = per_pod * replicas
+            pool = {"apiVersion": API_VERSION, "kind": "TriagePool", "metadata": {"name": "default"},
+                    "spec": {"concurrency": per_pod, "replicas": {"min": 0, "max": 0},
+                             "analyzer": {"baseURL": llm.url, "model": "fake/triage-text", "timeoutSeconds": 30}}}
+            await kube.create(triagepool_path(ns), pool)
+
+            # -------------------------------------------------- 1. throughput
+            n = args.jobs
+            say(f"throughput: creating {n} mixed-priority jobs (pool idle), C={slots}, L={args.latency_ms} ms")
+            bodies = [job_body(f"t{i:05d}", i, CLASSES[i % 3], "tp") for i in range(n)]
+            create_s = await create_jobs(kube, ns, bodies)
+            await wait_phase(kube, ns, "tp", n, {"Queued"}, timeout=600)
+            _rss0, cpu0 = proc_stats(op.popen.pid)
+            say(f"all {n} queued; starting {replicas} worker pods x {per_pod} slots")
+            t_scale = time.time()
+            others = {p.name: p.popen.pid for p in cp.procs}
+            others["bench+fake-llm"] = os.getpid()
+            cpu_before = {k: proc_stats(pid)[1] for k, pid in others.items()}
+            await kube.merge_patch(triagepool_path(ns, "default"), {"spec": {"replicas": {"min": replicas,
+                                                                                          "max": replicas}}})
+            items = await wait_phase(kube, ns, "tp", n, {"Succeeded", "Failed"}, timeout=900)
+            rss1, cpu1 = proc_stats(op.popen.pid)
+            cpu_split = {k: round(proc_stats(pid)[1] - cpu_before[k], 2) for k, pid in others.items()}
+            cpu_split["operator"] = round(cpu1 - cpu0, 2)
+            cpu_split["workers"] = round(sum(proc_stats(p.pid)[1] for p in pods.all_pods() if p.alive()), 2)
+            starts = [parse_time(j["status"]["startedAt"]) for j in items]
+            ends = [parse_time(j["status"]["completedAt"]) for j in items]
+            failed = sum(j["status"]["phase"] == "Failed" for j in items)
+            per_job_s = [(e - s).total_seconds() for s, e in zip(starts, ends, strict=True)]
+            start_span = (max(starts) - min(starts)).total_seconds()
+            first, last = min(starts), max(ends)
+            drain = (last - first).total_seconds()
+            throughput = n / drain
+            ideal = slots / latency
+            results["throughput"] = {
+                "jobs": n, "slots": slots, "latency_ms": args.latency_ms, "failed": failed,
+                "create_seconds": round(create_s, 2), "drain_seconds": round(drain, 2),
+                "worker_start_seconds": round(first.timestamp() - t_scale, 2),
+                "jobs_per_second": round(throughput, 1), "ideal_jobs_per_second": round(ideal, 1),
+                "efficiency": round(throughput / ideal, 3),
+                "claim_rate_jobs_per_second": round(n / start_span, 1) if start_span else None,
+                "claim_to_recorded_seconds_p50": round(pct(per_job_s, 50), 3),
+                "claim_to_recorded_seconds_p90": round(pct(per_job_s, 90), 3),
+                "operator_cpu_seconds_per_1000_jobs": round((cpu1 - cpu0) / n * 1000, 2),
+                "operator_rss_mib_after": round(rss1, 1),
+                "cpu_seconds_during_run": cpu_split,
+            }
+            await asyncio.sleep(2.5)  # audit log batches
+            per_job, events, verbs = api_writes(cp.root / "logs" / "audit.log", ns, {b["metadata"]["name"]
+                                                                                     for b in bodies})
+            results["api_writes"] = {"status_writes_per_job": round(per_job, 3), "events_per_job": round(events, 3),
+                                     "total_per_job": round(per_job + events, 3), "by_verb": dict(verbs)}
+            say(f"throughput {throughput:.1f} jobs/s (ideal {ideal:.0f}), writes/job {per_job + events:.2f}")
+
+            # -------------------------------------------------- 2. p1 wait under a p3 backlog
+            say(f"priority: {args.backlog} p3 jobs queued, then {args.p1_jobs} p1 jobs arriving")
+            await kube.merge_patch(triagepool_path(ns, "default"), {"spec": {"replicas": {"min": 0, "max": 0}}})
+            await asyncio.sleep(2)
+            backlog = [job_body(f"b{i:05d}", 100000 + i, "kubetriage-p3", "bl") for i in range(args.backlog)]
+            await create_jobs(kube, ns, backlog)
+            await wait_phase(kube, ns, "bl", args.backlog, {"Queued"}, timeout=600)
+            await kube.merge_patch(triagepool_path(ns, "default"), {"spec": {"replicas": {"min": replicas,
+                                                                                          "max": replicas}}})
+            await asyncio.sleep(1.5)  # worker processes start; the p3 backlog starts draining
+            created: dict[str, float] = {}
+            for i in range(args.p1_jobs):
+                name = f"h{i:04d}"
+                await kube.create(triagejob_path(ns), job_body(name, 200000 + i, "kubetriage-p1", "p1"))
+                created[name] = time.time()
+                await asyncio.sleep(args.p1_gap_ms / 1000)
+            p1 = await wait_phase(kube, ns, "p1", args.p1_jobs, {"Succeeded"}, timeout=300)
+            bl_items = await list_jobs(kube, ns, "bl")
+            p1_last_start = max(parse_time(j["status"]["startedAt"]) for j in p1)
+            still_queued = sum(1 for j in bl_items
+                               if parse_time((j.get("status") or {}).get("startedAt")
+                                             or "2999-01-01T00:00:00Z") > p1_last_start)
+            waits = [(parse_time(j["status"]["startedAt"]) - parse_time(j["status"]["queuedAt"])).total_seconds()
+                     * 1000 for j in p1]
+            admit = [(parse_time(j["status"]["queuedAt"]).timestamp() - created[j["metadata"]["name"]]) * 1000
+                     for j in p1]
+            results["p1_wait_ms"] = {
+                "p50": round(pct(waits, 50), 1), "p99": round(pct(waits, 99), 1), "max": round(max(waits), 1),
+                "jobs": len(waits), "p3_backlog_left_when_last_p1_started": still_queued,
+                "admission_ms_p50": round(pct(admit, 50), 1), "admission_ms_p99": round(pct(admit, 99), 1),
+            }
+            say(f"p1 wait p50 {pct(waits, 50):.1f} ms p99 {pct(waits, 99):.1f} ms "
+                f"({still_queued} p3 still queued behind them)")
+            await wait_phase(kube, ns, "bl", args.backlog, {"Succeeded", "Failed"}, timeout=600)
+
+            # -------------------------------------------------- 3. baseline, same machine, same run
+            say(f"baseline: {args.baseline_jobs} jobs, one at a time, 1 s sleep when idle")
+            await kube.merge_patch(triagepool_path(ns, "default"), {"spec": {"replicas": {"min": 0, "max": 0}}})
+            base_ns = "bench-baseline"
+            cp.kubectl("create", "namespace", base_ns)
+            await create_jobs(kube, base_ns, [job_body(f"x{i:04d}", 300000 + i, "kubetriage-p2", "base")
+                                              for i in range(args.baseline_jobs)])
+            base_rate = await run_baseline(kube, base_ns, llm.url, args.baseline_jobs, "base")
+            results["baseline"] = {"jobs": args.baseline_jobs, "jobs_per_second": round(base_rate, 2),
+                                   "speedup": round(throughput / base_rate, 1)}
+            say(f"baseline {base_rate:.2f} jobs/s -> kubetriage is {throughput / base_rate:.1f}x")
+
+            # -------------------------------------------------- 4. memory with many TriageJobs present
+            target = args.many
+            present = len(await list_jobs(kube, ns, "tp")) + len(await list_jobs(kube, ns, "bl")) + args.p1_jobs
+            extra = max(0, target - present)
+            say(f"memory: adding {extra} jobs so {target} TriageJobs are present, then restarting the operator")
+            await create_jobs(kube, ns, [job_body(f"m{i:05d}", 400000 + i, "kubetriage-p3", "many")
+                                         for i in range(extra)])
+            await wait_phase(kube, ns, "many", extra, {"Queued"}, timeout=900)
+            op.stop()
+            op = localrun.start_operator(root, env, "operator-restarted")
+            await asyncio.sleep(args.settle)
+            rss, _ = proc_stats(op.popen.pid)
+            results["memory"] = {"triagejobs_present": present + extra, "queued": extra,
+                                 "operator_rss_mib_after_restart": round(rss, 1)}
+            say(f"operator RSS {rss:.0f} MiB with {present + extra} TriageJobs present")
+        finally:
+            pods_stop.set()
+            if pods_task:
+                await pods_task
+            if kube:
+                await kube.close()
+            if op:
+                op.stop()
+            llm.stop()
+            redis.stop()
+            cp.stop()
+    return results
+
+
+TARGETS = [
+    ("efficiency at C=64, L=200 ms", lambda r: r["throughput"]["efficiency"], ">=", 0.9),
+    ("speedup over the baseline", lambda r: r["baseline"]["speedup"], ">=", 50),
+    ("p1 queue wait p99 (ms)", lambda r: r["p1_wait_ms"]["p99"], "<", 50),
+    ("API writes per job after creation", lambda r: r["api_writes"]["total_per_job"], "<=", 3),
+    ("operator RSS at 10k jobs (MiB)", lambda r: r["memory"]["operator_rss_mib_after_restart"], "<", 150),
+]
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = ["| figure | value | target | met |", "| --- | --- | --- | --- |"]
+    for name, get, op, bound in TARGETS:
+        value = get(results)
+        met = {"<": value < bound, "<=": value <= bound, ">=": value >= bound}[op]
+        lines.append(f"| {name} | {value} | {op} {bound} | {'yes' if met else 'no'} |")
+    t = results["throughput"]
+    lines += [
+        "",
+        f"throughput: {t['jobs_per_second']} jobs/s (ideal C/L = {t['ideal_jobs_per_second']}), "
+        f"{t['jobs']} jobs drained in {t['drain_seconds']} s, {t['failed']} failed; creating them took "
+        f"{t['create_seconds']} s",
+        f"baseline: {results['baseline']['jobs_per_second']} jobs/s",
+        f"p1 wait: p50 {results['p1_wait_ms']['p50']} ms, p99 {results['p1_wait_ms']['p99']} ms, "
+        f"max {results['p1_wait_ms']['max']} ms",
+        f"operator CPU: {t['operator_cpu_seconds_per_1000_jobs']} s per 1000 jobs; "
+        f"RSS {t['operator_rss_mib_after']} MiB after the throughput run",
+    ]
+    return "\n".join(lines)
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64, help="total worker slots C")
+    parser.add_argument("--replicas", type=int, default=2, help="worker pods sharing C")
+    parser.add_argument("--latency-ms", type=float, default=200, help="fake LLM latency L")
+    parser.add_argument("--backlog", type=int, default=1000, help="p3 jobs queued for the p1 wait figure")
+    parser.add_argument("--p1-jobs", type=int, default=40)
+    parser.add_argument("--p1-gap-ms", type=float, default=10)
+    parser.add_argument("--baseline-jobs", type=int, default=30)
+    parser.add_argument("--many", type=int, default=10000, help="TriageJobs present for the memory figure")
+    parser.add_argument("--settle", type=float, default=20, help="seconds after restart before reading RSS")
+    args = parser.parse_args()
+    results = asyncio.run(main(args))
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    print(report(results))
+    print(f"\n(written to {out / 'bench.json'})")
+
+
+if __name__ == "__main__":
+    cli()
