@@ -7,8 +7,9 @@ declare -A need=(
   [initdb]=postgresql
   [openssl]=openssl
   [flock]=util-linux
+  [prometheus-alertmanager]=prometheus-alertmanager
 )
-[[ "${1:-}" == "--with-monitoring" ]] && need[prometheus]=prometheus need[prometheus-alertmanager]=prometheus-alertmanager
+[[ "${1:-}" == "--with-monitoring" ]] && need[prometheus]=prometheus
 missing=()
 for bin in "${!need[@]}"; do
   if ! command -v "$bin" >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/"$bin" >/dev/null 2>&1; then

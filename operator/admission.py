@@ -23,6 +23,7 @@ from kubetriage.runtime import Runtime, now, parse_time, rfc3339
 log = logging.getLogger("kubetriage.admission")
 
 _ACTIVE = {Phase.QUEUED.value, Phase.RUNNING.value}
+_DONE = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 
 
 def condition(type_: str, status: str, reason: str, message: str, generation: int | None) -> dict[str, Any]:
@@ -96,6 +97,10 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
     status = body.get("status") or {}
     phase = status.get("phase")
+    if rt.phases.get(uid) in _DONE and phase not in _DONE:
+        # kopf can hand us a job's older event after we recorded its verdict (and removed it from
+        # Redis): a finished job never runs again, so a stale "Queued" must not re-queue it
+        return
     rt.phases[uid] = phase or ""
     rt.sources[uid] = ((body.get("spec") or {}).get("source") or {}).get("type", "")
     generation = meta.get("generation")
@@ -178,12 +183,13 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
     queued_at = queued_at or now()
     score = int(queued_at.timestamp() * 1_000_000)
     analysis = spec.analysis or Analysis()
-    await rt.queue.enqueue(
+    added = await rt.queue.enqueue(
         uid=uid, pool=pool.key, priority=priority, payload=request_payload(body, spec, await script_history(rt, spec)),
         namespace=ns, name=name,
         max_attempts=analysis.max_attempts, attempts=int(status.get("attempts") or 0), score_us=score,
     )
-    if fresh or phase not in _ACTIVE:
+    # only the admission that queued a fresh job writes Queued (another one may race it: a rebuild)
+    if (fresh and added) or (not fresh and phase not in _ACTIVE):
         await patch_status(rt, ns, name, {
             **base_status, "phase": Phase.QUEUED.value, "queuedAt": rfc3339(queued_at), "attempts": 0,
             "message": None,
@@ -256,6 +262,9 @@ async def rebuild(rt: Runtime) -> int:
                 for item in page.get("items", []):
                     item.setdefault("metadata", {}).setdefault("namespace", ns)
                     seen += 1
+                    phase = (item.get("status") or {}).get("phase")
+                    if phase not in _ACTIVE and phase != Phase.DUPLICATE.value:
+                        continue  # new and pending jobs come through their own watch events
                     try:
                         await admit(rt, item)
                     except Exception:

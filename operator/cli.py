@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("-n", "--namespace", help="only this namespace")
     lp.add_argument("-v", "--verbose", action="store_true")
     lp.set_defaults(func=cmd_local_pods)
+
+    # imported here like the operator's modules above: each command loads only what it needs
+    from kubetriage import client  # submit, get, verdict, queue
+
+    client.add_subcommands(sub)
     return parser
 
 

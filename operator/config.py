@@ -67,6 +67,12 @@ class Settings(BaseModel):
     llm_max_retries: int = Field(3, ge=0, le=10, description="Retries of one LLM request on 429/5xx/timeouts.")
     llm_price_per_1k_prompt: float = Field(0, ge=0, description="USD per 1000 prompt tokens (cost accounting).")
     llm_price_per_1k_completion: float = Field(0, ge=0, description="USD per 1000 completion tokens.")
+    vision_allow_hosts: str = Field(
+        "", description="Worker: comma-separated hosts screenshots/reports may come from; empty = any public host."
+    )
+    memory_min_similarity: float = Field(
+        0.8, ge=0, le=1, description="Worker: how alike a past human-verdict case must be to be reused."
+    )
     # ingest (HTTP endpoints for Alertmanager, script results and JUnit uploads; in the operator process)
     ingest_port: int = Field(8000, ge=0, le=65535, description="Ingest HTTP port (0 = off).")
     ingest_token: str = Field(
@@ -79,7 +85,7 @@ class Settings(BaseModel):
         "default", pattern=DNS_LABEL, description="Namespace of ingested TriageJobs when the request names none."
     )
     ingest_allowed_namespaces: str = Field(
-        "", description="Comma list of namespaces ingest_token may write to; empty = only ingest_namespace."
+        "", description="Comma list of further namespaces ingest_token may write to (ingest_namespace always)."
     )
     ingest_max_body_bytes: int = Field(
         1048576, ge=1024, le=64 * 1048576, description="Largest ingest request body; larger gets 413."

@@ -464,6 +464,44 @@ class Postgres:
             self.proc.stop(timeout=20, sig=signal.SIGINT)  # fast shutdown
 
 
+# --------------------------------------------------------------------------- Alertmanager
+
+
+@dataclass
+class Alertmanager:
+    """prometheus-alertmanager on loopback with the given config, clustering off, state in ``root``."""
+
+    root: Path
+    config: str
+    port: int = 0
+    proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Alertmanager:
+        binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+        if binary is None:
+            raise DevEnvError("prometheus-alertmanager not found: install the Debian package "
+                              "'prometheus-alertmanager' (apt-get install prometheus-alertmanager)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "alertmanager.yml"
+        config.write_text(self.config)
+        self.port = self.port or free_port()
+        self.proc = spawn(f"alertmanager-{self.port}", [
+            binary, f"--config.file={config}", f"--storage.path={self.root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=debug",
+        ], self.root)
+        wait_until(lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=1).status == 200,
+                   "alertmanager", self.proc, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+
 @contextlib.contextmanager
 def temp_root(prefix: str = "kubetriage-") -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=prefix))

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from kubetriage import admission, metrics, pools, recording
+from kubetriage import admission, ingest, metrics, overrides, pools, recording
 from kubetriage.config import Settings
 from kubetriage.models import GROUP, VERSION
 from kubetriage.runtime import Runtime
@@ -44,11 +44,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     if not cfg.standalone:
         await memo["runtime"].ensure_peering_objects()
     metrics.start_server(cfg.metrics_port)
+    # on every replica, standby too: ingest only creates TriageJobs, idempotently (see kubetriage.ingest)
+    memo["ingest"] = await ingest.start_ingest(cfg, memo["runtime"].kube)
     log.info("kubetriage operator %s started (identity %s)", GROUP, memo["runtime"].identity)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await ingest.stop_ingest(memo.get("ingest"))
     rt = memo.get("runtime")
     if rt is not None:
         await rt.close()
@@ -61,7 +64,8 @@ async def triagejob_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> N
     if event.get("type") == "DELETED":
         await admission.forget(rt, body)
         return
-    await admission.admit(rt, body)
+    if not await overrides.apply(rt, body):
+        await admission.admit(rt, body)
     recording.backlog_from_status(rt, body)
 
 

@@ -18,6 +18,7 @@ def operator_env(*, kubeconfig: Path, redis_url: str, database_url: str, namespa
         "KUBETRIAGE_NAMESPACES": namespaces,
         "KUBETRIAGE_METRICS_PORT": "0",
         "KUBETRIAGE_HEALTH_PORT": "0",
+        "KUBETRIAGE_INGEST_PORT": "0",  # many local operators at once: ingest only where a test asks for it
     }
     for key, value in settings.items():
         env[f"KUBETRIAGE_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)

@@ -35,9 +35,17 @@ MEMORY_KEY = "memory"
 MEMORY_MAX = 20000
 
 
-def memory_case(summary: str, classification: str, reason: str, source: str, kind: str | None) -> str:
+def memory_case(summary: str, classification: str, reason: str, source: str, kind: str | None,
+                subject: str | None) -> str:
+    """One human verdict as the memory analyzer reads it (``subject``: the alert or script name)."""
     return json.dumps({"text": summary, "classification": classification, "reason": reason, "source": source,
-                       "check_type": CheckType.USER.value, "kind": kind}, separators=(",", ":"))
+                       "check_type": CheckType.USER.value, "kind": kind, "subject": subject}, separators=(",", ":"))
+
+
+def subject_of(spec: dict[str, Any]) -> str | None:
+    if (spec.get("source") or {}).get("type") == "alert":
+        return (spec.get("alert") or {}).get("name")
+    return (spec.get("scriptResult") or {}).get("scriptName")
 
 
 async def apply(rt: Runtime, body: dict[str, Any]) -> bool:
@@ -94,8 +102,12 @@ async def apply(rt: Runtime, body: dict[str, Any]) -> bool:
                                 f"{wanted} by {by}, replacing {current.get('classification') or 'no verdict'}")
         except ApiError as exc:
             log.warning("event for %s/%s: %s", ns, name, exc)
+    # later duplicates of this job inherit the human verdict, not the one it replaced
+    remembered = rt.queue.k("verdict", f"{uid}/{name}")
+    await rt.redis.set(remembered, json.dumps(verdict.wire()), xx=True, keepttl=True)
     key = rt.queue.k(MEMORY_KEY)
-    await rt.redis.rpush(key, memory_case(summary, wanted, reason, f"{ns}/{name}", source.get("type")))
+    await rt.redis.rpush(key, memory_case(summary, wanted, reason, f"{ns}/{name}", source.get("type"),
+                                          subject_of(spec)))
     await rt.redis.ltrim(key, -MEMORY_MAX, -1)
     return True
 
@@ -110,8 +122,10 @@ async def seed_memory(rt: Runtime) -> int:
     except Exception as exc:  # the database may be down: memory comes back with it (next rebuild)
         log.warning("cannot read human verdicts for the memory analyzer: %s", exc)
         return 0
+    # the audit summary starts with the alert or script name (admission._summary)
     cases = [memory_case(str(r.get("summary") or ""), str(r.get("classification")), str(r.get("reason") or ""),
-                         f"{r.get('namespace', '')}/{r.get('job_name', '')}", r.get("source_type"))
+                         f"{r.get('namespace', '')}/{r.get('job_name', '')}", r.get("source_type"),
+                         str(r.get("summary")).split(" ", 1)[0])
              for r in reversed(rows) if r.get("summary")]
     if cases:
         await rt.redis.rpush(key, *cases)

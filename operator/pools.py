@@ -67,6 +67,8 @@ def worker_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> dict[str, A
         env.append({"name": "KUBETRIAGE_LLM_MODEL", "value": spec.analyzer.model})
     if spec.analyzer.vision_model:
         env.append({"name": "KUBETRIAGE_LLM_VISION_MODEL", "value": spec.analyzer.vision_model})
+    if s.vision_allow_hosts:
+        env.append({"name": "KUBETRIAGE_VISION_ALLOW_HOSTS", "value": s.vision_allow_hosts})
     if spec.analyzer.api_key_secret_ref:
         ref = spec.analyzer.api_key_secret_ref
         env.append({"name": "KUBETRIAGE_LLM_API_KEY",

@@ -25,7 +25,9 @@ from kubetriage import metrics
 from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest, Analyzer
 from kubetriage.analyzers.chain import run_offline_chain
 from kubetriage.analyzers.llm import LLMAnalyzer, LLMConfig, LLMError
+from kubetriage.analyzers.memory import MemoryAnalyzer, MemoryCase
 from kubetriage.analyzers.rules import RulesAnalyzer
+from kubetriage.analyzers.vision import VisionAnalyzer, VisionConfig
 from kubetriage.config import Settings
 from kubetriage.models import Verdict
 from kubetriage.queue import Claimed, Queue
@@ -44,15 +46,52 @@ class Worker:
         self.lease_ms = int(settings.lease_seconds * 1000)
         self.stopping = asyncio.Event()
         self.inflight: dict[str, asyncio.Task[None]] = {}
-        self.offline: list[Analyzer] = [RulesAnalyzer()]
+        self.rules = RulesAnalyzer()
+        self.memory: MemoryAnalyzer | None = None
+        self._memory_size = -1
         self.llm: LLMAnalyzer | None = None
+        self.vision: VisionAnalyzer | None = None
+        llm = dict(base_url=settings.llm_base_url, api_key=settings.llm_api_key,
+                   timeout_seconds=settings.llm_timeout_seconds, max_retries=settings.llm_max_retries,
+                   price_per_1k_prompt=settings.llm_price_per_1k_prompt,
+                   price_per_1k_completion=settings.llm_price_per_1k_completion)
         if settings.llm_model:
-            self.llm = LLMAnalyzer(LLMConfig(
-                base_url=settings.llm_base_url, model=settings.llm_model, api_key=settings.llm_api_key,
-                timeout_seconds=settings.llm_timeout_seconds, max_retries=settings.llm_max_retries,
-                price_per_1k_prompt=settings.llm_price_per_1k_prompt,
-                price_per_1k_completion=settings.llm_price_per_1k_completion,
-            ))
+            self.llm = LLMAnalyzer(LLMConfig(model=settings.llm_model, **llm))
+        if settings.llm_vision_model:
+            hosts = {h.strip() for h in settings.vision_allow_hosts.split(",") if h.strip()} or None
+            self.vision = VisionAnalyzer(LLMConfig(model=settings.llm_vision_model, **llm),
+                                         VisionConfig(allow_hosts=hosts))
+
+    @property
+    def offline(self) -> list[Analyzer]:
+        """Memory of human verdicts, then rules: what decides with no network and no key."""
+        return [self.memory, self.rules] if self.memory else [self.rules]
+
+    async def refresh_memory(self) -> None:
+        """Rebuild the memory analyzer when the operator published new human verdicts (Redis, not a database)."""
+        key = self.queue.k("memory")
+        size = await self.redis.llen(key)
+        if size == self._memory_size:
+            return
+        cases = []
+        for raw in await self.redis.lrange(key, 0, -1):
+            try:
+                cases.append(MemoryCase.model_validate_json(raw))
+            except ValueError:
+                continue  # one bad entry must not cost the whole memory
+        threshold = self.s.memory_min_similarity
+        self.memory = await asyncio.to_thread(MemoryAnalyzer, cases, min_similarity=threshold) if cases else None
+        self._memory_size = size
+        log.info("memory analyzer: %d human verdict case(s)", len(cases))
+
+    async def _memory_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.refresh_memory()
+            except Exception as exc:  # the memory is an optimisation; never let it stop the worker
+                log.warning("refreshing the memory analyzer failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 5)
 
     async def analyse(self, job: Claimed) -> Verdict:
         """Offline analyzers first, then the LLM; on the last attempt a dead LLM falls back to offline."""
@@ -62,7 +101,10 @@ class Worker:
         if self.s.analyzer_chain != "auto" and request.analyzer == "auto":
             request = request.model_copy(update={"analyzer": self.s.analyzer_chain})
         passing = request.script_result is not None and request.script_result.success
-        chain = [*self.offline, self.llm] if self.llm and not passing else self.offline
+        # vision before the text LLM: the chain stops at the first confident verdict, and vision
+        # steps aside (no network) when a job has no screenshots or report
+        online = [a for a in (self.vision, self.llm) if a is not None] if not passing else []
+        chain = [*self.offline, *online]
         try:
             verdict = await run_offline_chain(request, context, chain)
         except LLMError as exc:
@@ -163,6 +205,7 @@ class Worker:
         metrics.start_server(self.s.metrics_port)
         log.info("worker %s serving pool %s with %d slots", self.id, self.s.pool, self.s.concurrency)
         slots = [asyncio.create_task(self._slot(i)) for i in range(self.s.concurrency)]
+        slots.append(asyncio.create_task(self._memory_loop()))
         await self.stopping.wait()
         log.info("stopping: waiting up to %.0fs for %d running job(s)", self.s.shutdown_grace_seconds,
                  len(self.inflight))
@@ -176,8 +219,9 @@ class Worker:
         for slot in slots:
             slot.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
-        if self.llm:
-            await self.llm.aclose()
+        for analyzer in (self.llm, self.vision):
+            if analyzer is not None:
+                await analyzer.aclose()
         await self.redis.aclose()
 
 

@@ -72,6 +72,22 @@ async def test_override_of_a_queued_job_skips_analysis(pipeline: Pipeline) -> No
     assert [r["check_type"] for r in p.audit_rows()] == ["user"]
 
 
+async def test_duplicates_after_an_override_inherit_the_human_verdict(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.pool("default", concurrency=1)
+    p.start_operator()
+    spec = alert_spec("QueueBacklog", severity="warning", labels={"queue": "emails"})
+    await p.job("orig", spec)
+    await p.wait_terminal(["orig"])
+    annotate(p, "orig", "kubetriage.io/verdict=valid", "kubetriage.io/verdict-reason=backlog is real")
+    await p.wait(lambda: _checked_by_user(p, "orig"), "human verdict recorded")
+    await p.job("copy", spec)
+    jobs = await p.wait_terminal(["copy"])
+    st = jobs["copy"]["status"]
+    assert st["phase"] == "Duplicate" and st["duplicateOf"] == "orig"
+    assert st["verdict"]["classification"] == "valid" and st["verdict"]["checkType"] == "user"
+
+
 async def test_bad_override_value_is_explained_not_applied(pipeline: Pipeline) -> None:
     p = pipeline
     await p.pool("default", concurrency=1)
@@ -87,3 +103,33 @@ async def test_bad_override_value_is_explained_not_applied(pipeline: Pipeline) -
     msg = await p.wait(explained, "message about the bad annotation")
     assert "use one of valid, false_positive" in msg
     assert (await p.get("odd"))["status"]["verdict"]["checkType"] == "ai"
+
+
+async def test_memory_reuses_a_human_verdict_for_a_similar_failure(pipeline: Pipeline) -> None:
+    """A human says a failure is a false positive; the same failure with other numbers/ids is then judged alike."""
+    p = pipeline
+    await p.pool("default", concurrency=2)
+    p.start_operator(dedup_window_seconds=0)  # same normalised error would otherwise be a Duplicate
+    error = "AssertionError: banner id 8841 missing at 2026-11-23T03:12:09Z on https://shop.example.com/run/771"
+    await p.job("first", script_spec("homepage-banner", error))
+    await p.wait_terminal(["first"])
+    annotate(p, "first", "kubetriage.io/verdict=false_positive",
+             "kubetriage.io/verdict-reason=the banner CMS is empty at night, not a bug", "kubetriage.io/verdict-by=qa")
+    await p.wait(lambda: _checked_by_user(p, "first"), "human verdict recorded")
+    again = "AssertionError: banner id 9120 missing at 2026-11-24T02:55:41Z on https://shop.example.com/run/802"
+
+    async def judged_by_memory() -> dict | None:
+        name = f"again-{int(asyncio.get_running_loop().time() * 1000)}"
+        await p.job(name, script_spec("homepage-banner", again))
+        st = (await p.wait_terminal([name]))[name]["status"]
+        return st if st["verdict"]["analyzer"] == "memory" else None
+
+    # the worker re-reads the memory every few seconds: until then a new job is judged by the rules
+    st = await p.wait(judged_by_memory, "a verdict from memory", timeout=60, interval=1)
+    assert st["verdict"]["classification"] == "false_positive"
+    assert "the banner CMS is empty at night" in st["verdict"]["reason"]
+    assert f"{p.ns}/first" in st["verdict"]["reason"]
+
+
+async def _checked_by_user(p: Pipeline, name: str) -> bool:
+    return (await p.get(name))["status"]["verdict"].get("checkType") == "user"
