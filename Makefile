@@ -4,12 +4,13 @@ PIP ?= $(PYTHON) -m pip
 STAMP := .make/pip-installed
 PYTEST_ARGS ?=
 
-.PHONY: help deps system-deps control-plane lint test demo bench crds image kind-up clean
+.PHONY: help deps system-deps control-plane helm lint test demo bench eval crds image kind-up clean
 
 help:
 	@echo "make demo          run the pipeline locally on the examples (no API key needed)"
 	@echo "make test          install what is missing, then lint and run every test"
 	@echo "make bench         throughput / latency / API-write benchmarks (not part of test)"
+	@echo "make eval          precision/recall of the analyzers on tests/data/eval_cases.yaml"
 	@echo "make crds          regenerate crds/ from operator/models.py"
 	@echo "make image         build the container image (needs a Docker engine)"
 	@echo "make kind-up       create a kind cluster and install the chart (needs Docker + kind)"
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -q --disable-pip-version-check -e ".[test]"
 	@mkdir -p .make && touch $(STAMP)
 
-deps: $(STAMP) system-deps control-plane
+deps: $(STAMP) system-deps control-plane helm
 
 system-deps:
 	@bash hack/system-deps.sh $(SYSTEM_DEPS_ARGS)
@@ -27,6 +28,10 @@ system-deps:
 control-plane:
 	@echo "[deps] control-plane binaries (cached after the first build)"
 	@bash hack/control-plane.sh >/dev/null
+
+helm:
+	@echo "[deps] helm (built from its pinned Go module, cached after the first build)"
+	@bash hack/helm.sh >/dev/null
 
 lint: $(STAMP)
 	@echo "[lint] ruff + CRD drift"
@@ -43,6 +48,9 @@ demo: deps
 bench: deps
 	@$(PYTHON) -m bench.run
 
+eval: $(STAMP)
+	@$(PYTHON) -m bench.eval
+
 crds: $(STAMP)
 	@$(PYTHON) -m kubetriage.crdgen
 
@@ -53,7 +61,9 @@ kind-up:
 	kind create cluster --name kubetriage
 	$(MAKE) image
 	kind load docker-image --name kubetriage kubetriage:$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2)
-	helm upgrade --install kubetriage charts/kubetriage --namespace kubetriage --create-namespace
+	helm upgrade --install kubetriage charts/kubetriage --namespace kubetriage --create-namespace \
+		--set image.repository=kubetriage --set image.tag=$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2) \
+		--set image.pullPolicy=Never
 
 clean:
 	rm -rf .make .pytest_cache .ruff_cache build *.egg-info

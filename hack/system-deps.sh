@@ -8,8 +8,9 @@ declare -A need=(
   [openssl]=openssl
   [flock]=util-linux
   [prometheus-alertmanager]=prometheus-alertmanager
+  [prometheus]=prometheus
+  [promtool]=prometheus
 )
-[[ "${1:-}" == "--with-monitoring" ]] && need[prometheus]=prometheus
 missing=()
 for bin in "${!need[@]}"; do
   if ! command -v "$bin" >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/"$bin" >/dev/null 2>&1; then
@@ -18,13 +19,13 @@ for bin in "${!need[@]}"; do
 done
 [[ ${#missing[@]} -eq 0 ]] && { echo "[deps] system packages present"; exit 0; }
 if [[ $(id -u) -ne 0 ]]; then
-  for p in "${missing[@]}"; do echo "[deps] missing Debian package '$p': run 'sudo apt-get install $p'"; done
+  for p in $(printf "%s\n" "${missing[@]}" | sort -u); do echo "[deps] missing Debian package '$p': run 'sudo apt-get install $p'"; done
   exit 1
 fi
 echo "[deps] installing Debian packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends $(printf "%s\n" "${missing[@]}" | sort -u) >/dev/null
 # Debian starts the packaged services; the tests run their own on free ports.
 for svc in redis-server postgresql prometheus prometheus-alertmanager; do
   (service "$svc" stop >/dev/null 2>&1 || true)

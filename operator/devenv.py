@@ -510,3 +510,39 @@ def temp_root(prefix: str = "kubetriage-") -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Prometheus:
+    """Debian's prometheus on loopback scraping the given ``host:port`` targets every second."""
+
+    root: Path
+    targets: dict[str, list[str]]
+    port: int = 0
+    proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Prometheus:
+        binary = need_binary("prometheus", "prometheus")
+        self.root.mkdir(parents=True, exist_ok=True)
+        jobs = "".join(
+            f"  - job_name: {job}\n    static_configs:\n      - targets: [{', '.join(repr(t) for t in targets)}]\n"
+            for job, targets in self.targets.items()
+        )
+        config = self.root / "prometheus.yml"
+        config.write_text(f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}")
+        self.port = self.port or free_port()
+        self.proc = spawn(f"prometheus-{self.port}", [
+            binary, f"--config.file={config}", f"--storage.tsdb.path={self.root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
+        ], self.root)
+        wait_until(lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=1).status == 200,
+                   "prometheus", self.proc, timeout=60)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
