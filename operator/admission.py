@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from kubetriage import fingerprint, metrics
 from kubetriage.analyzers.base import AnalysisRequest, PastResult
 from kubetriage.kube import ApiError, triagejob_path
-from kubetriage.models import Analysis, Phase, SourceType, TriageJobSpec
+from kubetriage.models import AlertStatus, Analysis, Phase, SourceType, TriageJobSpec
 from kubetriage.runtime import Runtime, now, parse_time, rfc3339
+from kubetriage.sinks import job_summary
 
 log = logging.getLogger("kubetriage.admission")
 
@@ -52,23 +53,35 @@ async def patch_status(rt: Runtime, namespace: str, name: str, status: dict[str,
 def member(namespace: str, name: str, uid: str, spec: dict[str, Any]) -> str:
     """How a duplicate is remembered in Redis: enough to record its verdict without a GET."""
     source = spec.get("source") or {}
-    summary = _summary(spec)
+    summary = spec_summary(spec)
     return json.dumps({"ns": namespace, "name": name, "uid": uid, "type": source.get("type"),
                        "id": source.get("id"), "summary": summary}, separators=(",", ":"))
 
 
-def _summary(spec: dict[str, Any]) -> str:
-    if (spec.get("source") or {}).get("type") == SourceType.ALERT.value:
-        alert = spec.get("alert") or {}
-        labels = ",".join(f"{k}={v}" for k, v in sorted((alert.get("labels") or {}).items()))
-        return f"{alert.get('name', '')} {{{labels}}}"[:4096]
-    sr = spec.get("scriptResult") or {}
-    return f"{sr.get('scriptName', '')} {sr.get('testCase') or ''}: {sr.get('errorMessage') or ''}"[:4096]
+def spec_summary(spec: dict[str, Any]) -> str:
+    """``sinks.job_summary`` of a wire-form spec (what duplicates and overrides store)."""
+    try:
+        return job_summary(TriageJobSpec.model_validate(spec)) or ""
+    except ValidationError:
+        return ""
+
+
+RESOLVED_AT = "kubetriage.io/resolved-at"
+
+
+def _with_resolution(body: dict[str, Any], spec: TriageJobSpec) -> TriageJobSpec:
+    """An alert that resolved after its job was created is analysed as resolved (ingest marks it so)."""
+    when = parse_time(((body["metadata"].get("annotations") or {}).get(RESOLVED_AT)) or None)
+    if spec.alert is None or when is None or spec.alert.status == AlertStatus.RESOLVED.value:
+        return spec
+    alert = spec.alert.model_copy(update={"status": AlertStatus.RESOLVED.value, "ends_at": when})
+    return spec.model_copy(update={"alert": alert})
 
 
 def request_payload(body: dict[str, Any], spec: TriageJobSpec,
                     history: list[PastResult] | None = None) -> dict[str, Any]:
     meta = body["metadata"]
+    spec = _with_resolution(body, spec)
     analysis = spec.analysis or Analysis()
     req = AnalysisRequest(
         uid=meta["uid"], name=meta["name"], namespace=meta["namespace"], source=spec.source,
@@ -112,6 +125,8 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
         rt.waiting.pop(uid, None)
         return
     if phase in _ACTIVE and await rt.queue.known(uid):
+        if RESOLVED_AT in (meta.get("annotations") or {}):
+            await _apply_resolution(rt, body)
         return
 
     try:
@@ -196,6 +211,23 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
             "conditions": [condition("Triaged", "False", "Queued", f"waiting in pool {pool.key}", generation)],
         })
         metrics.JOBS_ADMITTED.labels(pool.key, pc_name, spec.source.type).inc()
+
+
+async def _apply_resolution(rt: Runtime, body: dict[str, Any]) -> None:
+    try:
+        spec = TriageJobSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return
+    if spec.alert is None or spec.alert.status == AlertStatus.RESOLVED.value:
+        return
+    job = await rt.queue.job(body["metadata"]["uid"])
+    payload = json.loads(job.get("payload") or "{}")
+    if (payload.get("alert") or {}).get("status") == AlertStatus.RESOLVED.value:
+        return  # already applied
+    fresh = request_payload(body, spec, [PastResult.model_validate(h) for h in payload.get("script_history", [])])
+    if await rt.queue.update_payload(body["metadata"]["uid"], fresh):
+        log.info("%s/%s: alert resolved before analysis; analysed with that evidence",
+                 body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 async def _relink_duplicate(rt: Runtime, body: dict[str, Any]) -> None:

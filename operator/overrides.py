@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from kubetriage import metrics
-from kubetriage.admission import _summary, condition, patch_status
+from kubetriage.admission import condition, patch_status, spec_summary
 from kubetriage.kube import ApiError
 from kubetriage.models import CheckType, Classification, Phase, verdict_from_classification
 from kubetriage.recording import record_in_db
@@ -72,7 +72,7 @@ async def apply(rt: Runtime, body: dict[str, Any]) -> bool:
     verdict = verdict_from_classification(wanted, reason, 1.0, "human", check_type=CheckType.USER)
     spec = body.get("spec") or {}
     source = spec.get("source") or {}
-    summary = _summary(spec)
+    summary = spec_summary(spec)
     record = VerdictRecord(
         job_uid=uid, job_name=name, namespace=ns, source_type=source.get("type", "alert"),
         source_id=source.get("id"), fingerprint=status.get("fingerprint"), verdict=verdict,
@@ -122,10 +122,9 @@ async def seed_memory(rt: Runtime) -> int:
     except Exception as exc:  # the database may be down: memory comes back with it (next rebuild)
         log.warning("cannot read human verdicts for the memory analyzer: %s", exc)
         return 0
-    # the audit summary starts with the alert or script name (admission._summary)
+    # no subject: the memory analyzer takes it from the summary, which starts with the alert or script name
     cases = [memory_case(str(r.get("summary") or ""), str(r.get("classification")), str(r.get("reason") or ""),
-                         f"{r.get('namespace', '')}/{r.get('job_name', '')}", r.get("source_type"),
-                         str(r.get("summary")).split(" ", 1)[0])
+                         f"{r.get('namespace', '')}/{r.get('job_name', '')}", r.get("source_type"), None)
              for r in reversed(rows) if r.get("summary")]
     if cases:
         await rt.redis.rpush(key, *cases)

@@ -189,6 +189,16 @@ end
 return redis.call('DEL', jk)
 """
 
+_UPDATE_PAYLOAD = """
+-- new evidence for a job no worker has started yet (a resolved alert): swap its payload in place
+local prefix, uid, payload = ARGV[1], ARGV[2], ARGV[3]
+local jk = prefix..':job:'..uid
+local state = redis.call('HGET', jk, 'state')
+if state ~= 'queued' and state ~= 'delayed' then return 0 end
+redis.call('HSET', jk, 'payload', payload)
+return 1
+"""
+
 _DEDUP = """
 -- first job with a fingerprint inside the window is the primary; later ones attach to it
 local prefix, key, uid, ttl, member = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
@@ -243,6 +253,7 @@ class Queue:
         self._release = client.register_script(_RELEASE)
         self._remove = client.register_script(_REMOVE)
         self._dedup = client.register_script(_DEDUP)
+        self._update_payload = client.register_script(_UPDATE_PAYLOAD)
 
     def k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -268,6 +279,11 @@ class Queue:
             json.dumps(payload, separators=(",", ":")), namespace, name, str(attempts), str(max_attempts),
         ])
         return bool(done)
+
+    async def update_payload(self, uid: str, payload: dict[str, Any]) -> bool:
+        """Replace a waiting job's payload; False when a worker already has it (or it is gone)."""
+        body = json.dumps(payload, separators=(",", ":"))
+        return bool(await self._update_payload(args=[self.prefix, uid, body]))
 
     async def known(self, uid: str) -> bool:
         return bool(await self.r.exists(self.k("job", uid)))

@@ -19,11 +19,12 @@ from typing import Any
 
 from kubetriage import metrics
 from kubetriage.admission import condition, patch_status
+from kubetriage.analyzers.base import AnalysisRequest
 from kubetriage.kube import ApiError
 from kubetriage.models import Phase, Verdict
 from kubetriage.queue import Event
 from kubetriage.runtime import Runtime, now, rfc3339
-from kubetriage.sinks import SinkError, VerdictRecord
+from kubetriage.sinks import SinkError, VerdictRecord, job_summary
 
 log = logging.getLogger("kubetriage.recording")
 
@@ -186,16 +187,12 @@ async def _write_plan(rt: Runtime, pl: _Plan) -> None:
 
 
 def _record(uid: str, name: str, ns: str, payload: dict[str, Any], verdict: Verdict, job: dict[str, str],
-            attempts: int, summary: str | None = None) -> VerdictRecord:
+            attempts: int) -> VerdictRecord:
     source = payload.get("source") or {}
-    if summary is None:
-        if source.get("type") == "alert":
-            alert = payload.get("alert") or {}
-            labels = ",".join(f"{k}={v}" for k, v in sorted((alert.get("labels") or {}).items()))
-            summary = f"{alert.get('name', '')} {{{labels}}}"
-        else:
-            sr = payload.get("script_result") or {}
-            summary = f"{sr.get('script_name', '')} {sr.get('test_case') or ''}: {sr.get('error_message') or ''}"
+    try:
+        summary = job_summary(AnalysisRequest.model_validate(payload)) or ""
+    except ValueError:
+        summary = ""
     return VerdictRecord(
         job_uid=uid, job_name=name, namespace=ns, source_type=source.get("type", "alert"),
         source_id=source.get("id"), fingerprint=source.get("fingerprint"), verdict=verdict,
@@ -283,14 +280,14 @@ def backlog_from_status(rt: Runtime, body: dict[str, Any]) -> None:
         return
     meta, spec = body["metadata"], body.get("spec") or {}
     source = spec.get("source") or {}
-    from kubetriage.admission import _summary
+    from kubetriage.admission import spec_summary
 
     rt.db_backlog.setdefault(meta["uid"], VerdictRecord(
         job_uid=meta["uid"], job_name=meta["name"], namespace=meta["namespace"],
         source_type=source.get("type", "alert"), source_id=source.get("id"), fingerprint=status.get("fingerprint"),
         verdict=Verdict.model_validate(status["verdict"]), pool=status.get("pool"),
         priority_class=status.get("priorityClassName"), attempts=int(status.get("attempts") or 0),
-        recorded_at=now(), summary=_summary(spec),
+        recorded_at=now(), summary=spec_summary(spec),
     ))
 
 

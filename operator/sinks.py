@@ -45,6 +45,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, Field, field_validator
 
+from kubetriage.analyzers.base import AnalysisRequest
 from kubetriage.models import MAX_REASON, CheckType, Classification, SourceType, TriageJobSpec, Verdict
 
 log = logging.getLogger("kubetriage.sinks")
@@ -147,8 +148,11 @@ def _clean(value: str | None, max_chars: int | None = None, max_bytes: int | Non
     return text
 
 
-def job_summary(spec: TriageJobSpec) -> str | None:
-    """The job's text that the memory analyzer matches human verdicts against, capped like the audit column."""
+def job_summary(spec: TriageJobSpec | AnalysisRequest) -> str | None:
+    """The job's text that the memory analyzer matches human verdicts against, capped like the audit column.
+
+    The one definition: the audit table, the Redis memory list and the eval set all use it.
+    """
     if spec.alert is not None:
         labels = " ".join(f"{k}={v}" for k, v in sorted((spec.alert.labels or {}).items()))
         return _clean(f"{spec.alert.name} {labels}".strip(), max_bytes=MAX_SUMMARY_BYTES)

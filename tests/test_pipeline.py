@@ -208,3 +208,32 @@ async def test_api_writes_per_job_are_few(pipeline: Pipeline) -> None:
     assert max(per_job) <= 2, writes
     assert writes["<events>"] == len(names)
     assert API_VERSION
+
+
+async def test_alert_resolved_before_analysis_is_analysed_as_resolved(pipeline: Pipeline) -> None:
+    """Ingest marks a resolved alert with an annotation; a job still waiting is analysed with that evidence."""
+    import datetime as dt
+
+    import redis.asyncio as aioredis
+
+    p = pipeline
+    await p.pool("default", concurrency=1, replicas={"min": 0, "max": 0})
+    p.start_operator()
+    started_at = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    resolved = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = await p.job("blip", alert_spec("LatencyHigh", severity="warning", startsAt=started_at))
+    await p.wait_phase(["blip"], {"Queued"})
+    p.cluster.kubectl("annotate", "tj", "blip", "-n", p.ns, f"kubetriage.io/resolved-at={resolved}")
+    client = aioredis.from_url(p.redis.url)
+
+    async def payload_resolved() -> bool:
+        raw = await client.hget(f"{p.prefix}:job:{created['metadata']['uid']}", "payload")
+        return bool(raw) and json.loads(raw)["alert"]["status"] == "resolved"
+
+    try:
+        await p.wait(payload_resolved, "the queued payload to carry the resolution")
+    finally:
+        await client.aclose()
+    await p.patch_pool("default", {"replicas": {"min": 1, "max": 1}})
+    jobs = await p.wait_terminal(["blip"])
+    assert "resolved" in jobs["blip"]["status"]["verdict"]["reason"]
