@@ -176,22 +176,21 @@ class Kube:
         })
 
 
-def triagejob_path(namespace: str, name: str | None = None, status: bool = False) -> str:
-    path = f"/apis/{API_VERSION}/namespaces/{namespace}/triagejobs"
+def _path(plural: str, namespace: str, name: str | None, status: bool) -> str:
+    path = f"/apis/{API_VERSION}/namespaces/{namespace}/{plural}"
     if name:
         path += f"/{name}"
         if status:
             path += "/status"
     return path
+
+
+def triagejob_path(namespace: str, name: str | None = None, status: bool = False) -> str:
+    return _path("triagejobs", namespace, name, status)
 
 
 def triagepool_path(namespace: str, name: str | None = None, status: bool = False) -> str:
-    path = f"/apis/{API_VERSION}/namespaces/{namespace}/triagepools"
-    if name:
-        path += f"/{name}"
-        if status:
-            path += "/status"
-    return path
+    return _path("triagepools", namespace, name, status)
 
 
 def deployment_path(namespace: str, name: str | None = None) -> str:

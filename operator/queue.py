@@ -235,6 +235,14 @@ class Event:
     worker: str
 
 
+def _event(eid: bytes, fields: dict[bytes, bytes]) -> Event:
+    f = {k.decode(): v.decode() for k, v in fields.items()}
+    return Event(
+        id=eid.decode(), type=f.get("type", ""), uid=f.get("uid", ""), attempt=int(f.get("attempt", "0") or 0),
+        us=int(f.get("us", "0") or 0), body=f.get("body", ""), worker=f.get("worker", ""),
+    )
+
+
 def pool_key(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
@@ -392,32 +400,13 @@ class Queue:
             EVENTS_GROUP, consumer, {self.k("events"): "0" if pending else ">"}, count=count,
             block=None if pending else block_ms,
         )
-        events = []
-        for _stream, entries in res or []:
-            for eid, fields in entries:
-                f = {k.decode(): v.decode() for k, v in fields.items()}
-                events.append(Event(
-                    id=eid.decode(), type=f.get("type", ""), uid=f.get("uid", ""),
-                    attempt=int(f.get("attempt", "0") or 0), us=int(f.get("us", "0") or 0),
-                    body=f.get("body", ""), worker=f.get("worker", ""),
-                ))
-        return events
+        return [_event(eid, fields) for _stream, entries in res or [] for eid, fields in entries]
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int = 256) -> list[Event]:
         """Events another consumer read but never acked (it died): take them over."""
         res = await self.r.xautoclaim(self.k("events"), EVENTS_GROUP, consumer, min_idle_ms, "0-0", count=count)
         entries = res[1] if res else []
-        events = []
-        for eid, fields in entries:
-            if not fields:
-                continue  # deleted meanwhile
-            f = {k.decode(): v.decode() for k, v in fields.items()}
-            events.append(Event(
-                id=eid.decode(), type=f.get("type", ""), uid=f.get("uid", ""),
-                attempt=int(f.get("attempt", "0") or 0), us=int(f.get("us", "0") or 0),
-                body=f.get("body", ""), worker=f.get("worker", ""),
-            ))
-        return events
+        return [_event(eid, fields) for eid, fields in entries if fields]  # empty: deleted meanwhile
 
     async def ack(self, *event_ids: str) -> None:
         if event_ids:
