@@ -421,7 +421,7 @@ def test_promtool_accepts_the_rules_and_they_fire(helm: str, tmp_path: Path) -> 
     series they are about (and stay quiet on healthy ones)."""
     promtool = subprocess.run(["which", "promtool"], capture_output=True, text=True).stdout.strip()
     if not promtool:
-        pytest.skip("promtool not installed (Debian package prometheus: bash hack/system-deps.sh --with-monitoring)")
+        pytest.fail("promtool not installed: install the Debian package 'prometheus' (make test does)")
     out = run_helm(helm, "template", "t", str(CHART), "--set", "metrics.prometheusRule.enabled=true").stdout
     rule = find([d for d in yaml.safe_load_all(out) if d], "PrometheusRule")
     rules_file = tmp_path / "rules.yaml"

@@ -429,8 +429,6 @@ async def test_total_deadline(server: LocalHTTPServer) -> None:
 
 def _tls_files(tmp: Path, names: list[str]) -> tuple[Path, Path, Path]:
     """A throwaway CA and a server certificate for ``names``."""
-    crypto = pytest.importorskip("cryptography")
-    del crypto
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
