@@ -35,11 +35,6 @@ def _us_time(us: int) -> str:
     return rfc3339(dt.datetime.fromtimestamp(us / 1_000_000, dt.UTC))
 
 
-async def handle(rt: Runtime, ev: Event) -> None:
-    """One event (the batch path with a batch of one)."""
-    await handle_batch(rt, [ev])
-
-
 async def handle_batch(rt: Runtime, events: list[Event]) -> list[str]:
     """Record a batch of worker events; returns the ids that are done and may be acknowledged.
 
@@ -140,7 +135,11 @@ def _plan(ev: Event, job: dict[str, str]) -> _Plan:
     }
     record = None
     if ev.type == "result":
-        verdict = Verdict.model_validate_json(ev.body)
+        try:
+            verdict = Verdict.model_validate_json(ev.body)
+        except ValueError as exc:  # a worker of another version: fail the job clearly, never replay forever
+            ev = dataclasses.replace(ev, type="failed", body=f"the worker sent an invalid verdict: {exc}"[:2000])
+    if ev.type == "result":
         record = _record(ev.uid, name, ns, payload, verdict, job, ev.attempt)
         status.update({"phase": Phase.SUCCEEDED.value, "verdict": verdict.wire()})
     else:

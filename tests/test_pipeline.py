@@ -237,3 +237,27 @@ async def test_alert_resolved_before_analysis_is_analysed_as_resolved(pipeline: 
     await p.patch_pool("default", {"replicas": {"min": 1, "max": 1}})
     jobs = await p.wait_terminal(["blip"])
     assert "resolved" in jobs["blip"]["status"]["verdict"]["reason"]
+
+
+async def test_an_invalid_verdict_from_a_worker_fails_the_job_instead_of_looping(pipeline: Pipeline) -> None:
+    """A worker of another version reports garbage through the real stream: the job fails with the reason."""
+    import redis.asyncio as aioredis
+
+    from kubetriage.queue import Queue
+
+    p = pipeline
+    await p.pool("default", concurrency=1, replicas={"min": 0, "max": 0})
+    p.start_operator()
+    await p.job("odd", script_spec("odd"))
+    await p.wait_phase(["odd"], {"Queued"})
+    client = aioredis.from_url(p.redis.url)
+    try:
+        queue = Queue(client, p.prefix)
+        claimed = await queue.claim(f"{p.ns}/default", "impostor", 30_000)
+        assert claimed is not None and not isinstance(claimed, float)
+        assert await queue.report(claimed.uid, "impostor", '{"classification": "maybe"}')
+    finally:
+        await client.aclose()
+    jobs = await p.wait_terminal(["odd"])
+    st = jobs["odd"]["status"]
+    assert st["phase"] == "Failed" and "the worker sent an invalid verdict" in st["message"]
