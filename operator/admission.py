@@ -193,14 +193,15 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
             metrics.JOBS_DUPLICATE.labels(spec.source.type).inc()
             return
 
+    payload = request_payload(body, spec, await script_history(rt, spec))
+    # stamped after the (database) history read: queuedAt and the FIFO score are when it entered the queue
     queued_at = parse_time(status.get("queuedAt"))
     fresh = queued_at is None
     queued_at = queued_at or now()
     score = int(queued_at.timestamp() * 1_000_000)
     analysis = spec.analysis or Analysis()
     added = await rt.queue.enqueue(
-        uid=uid, pool=pool.key, priority=priority, payload=request_payload(body, spec, await script_history(rt, spec)),
-        namespace=ns, name=name,
+        uid=uid, pool=pool.key, priority=priority, payload=payload, namespace=ns, name=name,
         max_attempts=analysis.max_attempts, attempts=int(status.get("attempts") or 0), score_us=score,
     )
     # only the admission that queued a fresh job writes Queued (another one may race it: a rebuild)

@@ -37,7 +37,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.chunk_size = 500
-    settings.batching.worker_limit = 256
+    # kopf keeps one worker per object alive for idle_timeout after its last event, and a worker_limit
+    # makes new objects wait for a free one: with a limit, a burst of status echoes delays the admission
+    # of new (p1) jobs by seconds. No limit (kopf's default), and workers that leave after 1 s.
+    settings.batching.idle_timeout = 1.0
     settings.networking.request_timeout = 60
     settings.peering.lifetime = cfg.peering_lifetime_seconds
     memo["runtime"] = await Runtime.create(cfg)
