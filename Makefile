@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 STAMP := .make/pip-installed
 PYTEST_ARGS ?=
 
-.PHONY: help deps system-deps control-plane helm lint test demo bench eval crds image kind-up clean
+.PHONY: FORCE help deps system-deps control-plane helm lint test demo bench eval crds image kind-up clean
 
 help:
 	@echo "make demo          run the pipeline locally on the examples (no API key needed)"
@@ -15,10 +15,16 @@ help:
 	@echo "make image         build the container image (needs a Docker engine)"
 	@echo "make kind-up       create a kind cluster and install the chart (needs Docker + kind)"
 
-$(STAMP): pyproject.toml
-	@echo "[deps] pip install -e .[test]"
-	@$(PIP) install -q --disable-pip-version-check -e ".[test]"
-	@mkdir -p .make && touch $(STAMP)
+# Reinstall when pyproject.toml changed, or when the editable install points at another checkout
+# (pip install -e in a second clone silently redirects `import kubetriage` there).
+$(STAMP): pyproject.toml FORCE
+	@if [ ! -f $(STAMP) ] || [ pyproject.toml -nt $(STAMP) ] || \
+	    [ "$$($(PYTHON) -c 'import kubetriage, os; print(os.path.dirname(os.path.realpath(kubetriage.__file__)))' 2>/dev/null)" != "$(CURDIR)/operator" ]; then \
+	  echo "[deps] pip install -e .[test]"; \
+	  $(PIP) install -q --disable-pip-version-check -e ".[test]" && mkdir -p .make && touch $(STAMP); \
+	fi
+
+FORCE:
 
 deps: $(STAMP) system-deps control-plane helm
 

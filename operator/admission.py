@@ -17,14 +17,13 @@ from pydantic import ValidationError
 from kubetriage import fingerprint, metrics
 from kubetriage.analyzers.base import AnalysisRequest, PastResult
 from kubetriage.kube import ApiError, triagejob_path
-from kubetriage.models import AlertStatus, Analysis, Phase, SourceType, TriageJobSpec
+from kubetriage.models import FINISHED_PHASES, AlertStatus, Analysis, Phase, SourceType, TriageJobSpec
 from kubetriage.runtime import Runtime, now, parse_time, rfc3339
 from kubetriage.sinks import job_summary
 
 log = logging.getLogger("kubetriage.admission")
 
 _ACTIVE = {Phase.QUEUED.value, Phase.RUNNING.value}
-_DONE = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 
 
 def condition(type_: str, status: str, reason: str, message: str, generation: int | None) -> dict[str, Any]:
@@ -46,7 +45,6 @@ async def patch_status(rt: Runtime, namespace: str, name: str, status: dict[str,
         if exc.status == 404:
             return False
         raise
-    rt.count_write("status")
     return True
 
 
@@ -110,7 +108,7 @@ async def admit(rt: Runtime, body: dict[str, Any]) -> None:
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
     status = body.get("status") or {}
     phase = status.get("phase")
-    if rt.phases.get(uid) in _DONE and phase not in _DONE:
+    if rt.phases.get(uid) in FINISHED_PHASES and phase not in FINISHED_PHASES:
         # kopf can hand us a job's older event after we recorded its verdict (and removed it from
         # Redis): a finished job never runs again, so a stale "Queued" must not re-queue it
         return
@@ -285,6 +283,8 @@ async def rebuild(rt: Runtime) -> int:
         if await rt.queue.epoch_ok():
             return 0
         await rt.queue.ensure_group()
+        for pool in list(rt.pools.values()):  # rate limits were lost with the rest
+            await rt.push_pool_config(pool)
         seen = 0
         namespaces = rt.settings.watched_namespaces or [None]
         for ns in namespaces:

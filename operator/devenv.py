@@ -493,13 +493,18 @@ class Alertmanager:
             binary, f"--config.file={config}", f"--storage.path={self.root / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=debug",
         ], self.root)
-        wait_until(lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=1).status == 200,
-                   "alertmanager", self.proc, timeout=30)
+        _wait_ready(self.url, "alertmanager", self.proc, timeout=30)
         return self
 
     def stop(self) -> None:
         if self.proc:
             self.proc.stop()
+
+
+def _wait_ready(url: str, what: str, proc: Proc, timeout: float) -> None:
+    """Prometheus-family servers answer 200 on /-/ready once they serve."""
+    wait_until(lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=1).status == 200, what, proc,
+               timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -539,8 +544,7 @@ class Prometheus:
             binary, f"--config.file={config}", f"--storage.tsdb.path={self.root / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
         ], self.root)
-        wait_until(lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=1).status == 200,
-                   "prometheus", self.proc, timeout=60)
+        _wait_ready(self.url, "prometheus", self.proc, timeout=60)
         return self
 
     def stop(self) -> None:

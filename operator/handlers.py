@@ -77,7 +77,9 @@ async def triagepool_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
     rt = _rt(memo)
     body = event["object"]
     if event.get("type") == "DELETED":
-        rt.pools.pop(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
+        key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+        rt.pools.pop(key, None)
+        rt.pool_generations.pop(key, None)
         return
     await pools.reconcile(rt, body)
 

@@ -346,11 +346,16 @@ class IngestServer:
         return Target(client, namespace, _query(request, "pool", DNS_LABEL, 63),
                       _query(request, "priority_class", DNS_SUBDOMAIN))
 
-    async def _body(self, request: web.Request) -> bytes:
+    def _declared_size_ok(self, request: web.Request) -> int:
+        """Refuse an announced oversize body before reading a byte of it; returns the limit."""
         limit = self.settings.ingest_max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise IngestError(413, f"request body of {request.content_length} bytes is larger than the "
                                    f"limit of {limit} (KUBETRIAGE_INGEST_MAX_BODY_BYTES)")
+        return limit
+
+    async def _body(self, request: web.Request) -> bytes:
+        limit = self._declared_size_ok(request)
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -468,10 +473,7 @@ class IngestServer:
 
     async def _upload(self, request: web.Request) -> bytes:
         """The report from ``curl -F file=@junit.xml`` (the first file field if none is called ``file``)."""
-        limit = self.settings.ingest_max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise IngestError(413, f"request body of {request.content_length} bytes is larger than the "
-                                   f"limit of {limit} (KUBETRIAGE_INGEST_MAX_BODY_BYTES)")
+        limit = self._declared_size_ok(request)
         try:
             form = await request.post()
         except web.HTTPRequestEntityTooLarge:

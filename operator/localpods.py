@@ -38,7 +38,6 @@ class LocalPod:
     deployment: str
     popen: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
-    restarts: int = 0
 
     @property
     def pid(self) -> int:

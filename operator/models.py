@@ -108,7 +108,8 @@ class Phase(StrEnum):
     DUPLICATE = "Duplicate"
 
 
-TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.DUPLICATE})
+# A finished job never runs again. (Duplicate is not here: a duplicate may still wait for its verdict.)
+FINISHED_PHASES = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value})
 
 
 class CheckType(StrEnum):

@@ -162,9 +162,13 @@ async def reconcile(rt: Runtime, body: dict[str, Any]) -> None:
     status = body.get("status") or {}
     generation = body["metadata"].get("generation")
     spec = TriagePoolSpec.model_validate(pool.spec)
-    rl = spec.rate_limit
-    await rt.queue.set_pool_config(pool.key, rl.jobs_per_second if rl else None, rl.burst if rl else None)
+    changed = pool.key not in rt.pool_generations or rt.pool_generations[pool.key] != generation
+    if changed:  # new to this replica, or its spec changed: not the echo of our own status writes
+        await rt.push_pool_config(pool)
+        rt.pool_generations[pool.key] = generation
     if status.get("observedGeneration") == generation and status.get("deployment"):
+        if changed:
+            await admission.readmit_waiting(rt)
         return
     replicas = max(spec.replicas.min, min(spec.replicas.max, int(status.get("replicas") or spec.replicas.min)))
     await apply_deployment(rt, pool, replicas)

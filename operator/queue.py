@@ -243,10 +243,6 @@ def _event(eid: bytes, fields: dict[bytes, bytes]) -> Event:
     )
 
 
-def pool_key(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}"
-
-
 class Queue:
     """Typed wrappers around the Lua scripts; one instance per process."""
 

@@ -21,14 +21,13 @@ from kubetriage import metrics
 from kubetriage.admission import condition, patch_status
 from kubetriage.analyzers.base import AnalysisRequest
 from kubetriage.kube import ApiError
-from kubetriage.models import Phase, Verdict
+from kubetriage.models import FINISHED_PHASES, Phase, Verdict
 from kubetriage.queue import Event
 from kubetriage.runtime import Runtime, now, rfc3339
 from kubetriage.sinks import SinkError, VerdictRecord, job_summary
 
 log = logging.getLogger("kubetriage.recording")
 
-_FINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 
 
 def _us_time(us: int) -> str:
@@ -108,7 +107,7 @@ _background: set[asyncio.Task[None]] = set()
 
 async def _write_running(rt: Runtime, ev: Event) -> None:
     job = await rt.queue.job(ev.uid)
-    if not job or job.get("state") != "leased" or rt.phases.get(ev.uid) in _FINAL:
+    if not job or job.get("state") != "leased" or rt.phases.get(ev.uid) in FINISHED_PHASES:
         return
     with contextlib.suppress(ApiError):
         await patch_status(rt, job["ns"], job["name"], {
@@ -124,6 +123,7 @@ class _Plan:
     status: dict[str, Any]
     record: VerdictRecord | None
     recorded: bool = False
+    failure: str = "attempts_exhausted"
 
 
 def _plan(ev: Event, job: dict[str, str]) -> _Plan:
@@ -133,28 +133,27 @@ def _plan(ev: Event, job: dict[str, str]) -> _Plan:
     status: dict[str, Any] = {
         "attempts": ev.attempt, "startedAt": _us_time(started), "completedAt": rfc3339(now()), "message": None,
     }
-    record = None
     if ev.type == "result":
         try:
             verdict = Verdict.model_validate_json(ev.body)
         except ValueError as exc:  # a worker of another version: fail the job clearly, never replay forever
-            ev = dataclasses.replace(ev, type="failed", body=f"the worker sent an invalid verdict: {exc}"[:2000])
-    if ev.type == "result":
-        record = _record(ev.uid, name, ns, payload, verdict, job, ev.attempt)
+            reason = f"the worker sent an invalid verdict: {exc}"[:2000]
+            status.update({"phase": Phase.FAILED.value, "message": reason,
+                           "conditions": [condition("Triaged", "False", "InvalidVerdict", reason, None)]})
+            return _Plan(ev, ns, name, status, None, failure="invalid_verdict")
         status.update({"phase": Phase.SUCCEEDED.value, "verdict": verdict.wire()})
-    else:
-        status.update({
-            "phase": Phase.FAILED.value, "message": f"gave up after {ev.attempt} attempt(s): {ev.body}"[:4096],
-            "conditions": [condition("Triaged", "False", "AttemptsExhausted", ev.body, None)],
-        })
-    return _Plan(ev, ns, name, status, record)
+        return _Plan(ev, ns, name, status, _record(ev.uid, name, ns, payload, verdict, job, ev.attempt))
+    status.update({
+        "phase": Phase.FAILED.value, "message": f"gave up after {ev.attempt} attempt(s): {ev.body}"[:4096],
+        "conditions": [condition("Triaged", "False", "AttemptsExhausted", ev.body, None)],
+    })
+    return _Plan(ev, ns, name, status, None)
 
 
 async def _write_plan(rt: Runtime, pl: _Plan) -> None:
     ev, status = pl.ev, pl.status
-    succeeded = ev.type == "result"
-    if succeeded:
-        assert pl.record is not None
+    succeeded = pl.record is not None
+    if pl.record is not None:
         verdict = pl.record.verdict
         status["recorded"] = pl.recorded
         status["conditions"] = [
@@ -167,21 +166,19 @@ async def _write_plan(rt: Runtime, pl: _Plan) -> None:
                  f"{verdict.reason}", "Normal")
     else:
         event = ("TriageFailed", status["message"], "Warning")
-    if rt.phases.get(ev.uid) not in _FINAL:
-        if succeeded:
-            metrics.VERDICTS.labels(verdict.classification, verdict.analyzer, verdict.check_type).inc()
-        else:
-            metrics.JOBS_FAILED.labels("attempts_exhausted").inc()
     handle_ = rt.running_timers.pop(ev.uid, None)
     if handle_:
         handle_.cancel()
-    if rt.phases.get(ev.uid) not in _FINAL:
+    if rt.phases.get(ev.uid) not in FINISHED_PHASES:  # a replay of something already recorded writes nothing
+        if succeeded:
+            metrics.VERDICTS.labels(verdict.classification, verdict.analyzer, verdict.check_type).inc()
+        else:
+            metrics.JOBS_FAILED.labels(pl.failure).inc()
         alive = await patch_status(rt, pl.ns, pl.name, status)
         rt.phases[ev.uid] = status["phase"]
         if alive:
             with contextlib.suppress(ApiError):
                 await rt.kube.event({"metadata": {"name": pl.name, "namespace": pl.ns, "uid": ev.uid}}, *event)
-                rt.count_write("event")
     await _resolve_duplicates(rt, f"{ev.uid}/{pl.name}", pl.name, status, succeeded)
 
 

@@ -62,6 +62,8 @@ class Runtime:
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     priority_classes: dict[str, int] = field(default_factory=dict)
     pools: dict[str, PoolInfo] = field(default_factory=dict)
+    # pool key -> generation whose limits are in Redis (so a status echo does not rewrite them)
+    pool_generations: dict[str, int | None] = field(default_factory=dict)
     # uid -> (namespace, name) of jobs waiting for a PriorityClass or TriagePool to appear
     waiting: dict[str, tuple[str, str]] = field(default_factory=dict)
     # uid -> phase of every job seen, to skip work on already-terminal jobs cheaply
@@ -72,7 +74,6 @@ class Runtime:
     caches_loaded: bool = False
     cache_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     rebuild_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    write_counter: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     async def create(cls, settings: Settings) -> Runtime:
@@ -119,6 +120,13 @@ class Runtime:
         self.pools[info.key] = info
         return info
 
+    async def push_pool_config(self, pool: PoolInfo) -> None:
+        """The pool's rate limit, where the workers' claim script reads it."""
+        from kubetriage.models import TriagePoolSpec
+
+        rl = TriagePoolSpec.model_validate(pool.spec).rate_limit
+        await self.queue.set_pool_config(pool.key, rl.jobs_per_second if rl else None, rl.burst if rl else None)
+
     def find_pool(self, job_namespace: str, name: str) -> PoolInfo | None:
         """The job's own namespace first, then the operator's pool namespace."""
         for ns in (job_namespace, self.settings.pool_namespace):
@@ -142,6 +150,3 @@ class Runtime:
             except ApiError as exc:
                 if exc.status not in (409, 403):  # exists already, or created by the chart and not ours to make
                     raise
-
-    def count_write(self, kind: str) -> None:
-        self.write_counter[kind] = self.write_counter.get(kind, 0) + 1

@@ -178,6 +178,13 @@ async def test_redis_loses_everything_mid_run(pipeline: Pipeline, how: str) -> N
     assert {j["status"]["phase"] for j in jobs.values()} == {"Succeeded"}
     await p.wait(lambda: asyncio.sleep(0, len(p.audit_rows()) == len(names)), "all audit rows")
     assert Counter(r["job_uid"] for r in p.audit_rows()).most_common(1)[0][1] == 1
+    # the pool's rate limit came back with the queues (no pool event re-sent it)
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(p.redis.url)
+    cfg = await client.hgetall(f"{p.prefix}:poolcfg:{p.ns}/default")
+    await client.aclose()
+    assert cfg.get(b"rate") == b"20.0"
 
 
 async def test_api_writes_per_job_are_few(pipeline: Pipeline) -> None:
