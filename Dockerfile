@@ -44,7 +44,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp
-# uid/gid 10001: the same ids operator/pools.py (WORKER_UID) and the chart's
+# uid/gid 10001: the same ids operator/kubetriage/controller/pools.py (WORKER_UID) and the chart's
 # securityContext run as, so files and runAsNonRoot checks agree.
 RUN groupadd --system --gid 10001 kubetriage \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

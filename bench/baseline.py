@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from kubetriage.kube import Kube, triagejob_path
+from kubetriage.infra.kube import Kube, triagejob_path
 
 
 async def run_baseline(kube: Kube, namespace: str, llm_url: str, expected: int, label: str) -> float:

@@ -42,13 +42,14 @@ from typing import Any
 
 import yaml
 
-from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest, Analyzer
+from kubetriage.analyzers.base import Analyzer
 from kubetriage.analyzers.chain import run_offline_chain
 from kubetriage.analyzers.llm import LLMAnalyzer, LLMConfig
 from kubetriage.analyzers.memory import MemoryAnalyzer, MemoryCase
 from kubetriage.analyzers.rules import RulesAnalyzer
-from kubetriage.models import Classification, TriageJobSpec, Verdict
-from kubetriage.sinks import job_summary
+from kubetriage.api.contract import AnalysisContext, AnalysisRequest
+from kubetriage.api.models import Classification, TriageJobSpec, Verdict
+from kubetriage.api.summary import job_summary
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:

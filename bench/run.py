@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.baseline import run_baseline
-from kubetriage import devenv, localrun
-from kubetriage.kube import Kube, triagejob_path, triagepool_path
-from kubetriage.localpods import LocalPods
-from kubetriage.models import API_VERSION
-from kubetriage.runtime import parse_time
+from devharness import devenv, localrun
+from devharness.localpods import LocalPods
+from kubetriage.api.models import API_VERSION
+from kubetriage.api.timeutil import parse_time
+from kubetriage.infra.kube import Kube, triagejob_path, triagepool_path
 
 REPO = devenv.REPO_ROOT
 sys.path.insert(0, str(REPO))

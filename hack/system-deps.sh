@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests and demo run for real (Redis, PostgreSQL, ...).
 # As root: apt-get installs what is missing. Otherwise: one line per missing package.
+#   hack/system-deps.sh           everything `make test` uses
+#   hack/system-deps.sh demo      only what `make demo` uses (Redis; the demo's database is SQLite)
 set -euo pipefail
 declare -A need=(
   [redis-server]=redis-server
@@ -11,6 +13,9 @@ declare -A need=(
   [prometheus]=prometheus
   [promtool]=prometheus
 )
+if [[ "${1:-}" == "demo" ]]; then
+  need=([redis-server]=redis-server [openssl]=openssl [flock]=util-linux)
+fi
 missing=()
 for bin in "${!need[@]}"; do
   if ! command -v "$bin" >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/"$bin" >/dev/null 2>&1; then

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetriage import devenv
+from devharness import devenv
 
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"

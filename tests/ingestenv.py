@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 from aiohttp import web
 
-from kubetriage import devenv
-from kubetriage.config import Settings
-from kubetriage.ingest import start_ingest, stop_ingest
-from kubetriage.kube import ApiError, Kube, triagejob_path
+from devharness import devenv
+from kubetriage.infra.config import Settings
+from kubetriage.infra.kube import ApiError, Kube, triagejob_path
+from kubetriage.ingest.server import start_ingest, stop_ingest
 
 
 class IngestEnv:

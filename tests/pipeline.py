@@ -17,10 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kubetriage import devenv, localrun
-from kubetriage.kube import ApiError, Kube, triagejob_path, triagepool_path
-from kubetriage.localpods import LocalPods
-from kubetriage.models import API_VERSION
+from devharness import devenv, localrun
+from devharness.localpods import LocalPods
+from kubetriage.api.models import API_VERSION
+from kubetriage.infra.kube import ApiError, Kube, triagejob_path, triagepool_path
 
 TERMINAL = {"Succeeded", "Failed"}
 

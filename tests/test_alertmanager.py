@@ -19,8 +19,8 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from kubetriage import devenv
-from kubetriage.ingest_models import ALERT_FINGERPRINT_LABEL, ALERT_STATUS_LABEL, RESOLVED_AT
+from devharness import devenv
+from kubetriage.api.keys import ALERT_FINGERPRINT_LABEL, ALERT_STATUS_LABEL, RESOLVED_AT
 from tests.ingestenv import IngestEnv
 
 pytestmark = pytest.mark.cluster

@@ -37,10 +37,10 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetriage import devenv, localrun
-from kubetriage.config import Settings
-from kubetriage.kube import ApiError, Kube, triagejob_path, triagepool_path
-from kubetriage.localpods import LocalPods
+from devharness import devenv, localrun
+from devharness.localpods import LocalPods
+from kubetriage.infra.config import Settings
+from kubetriage.infra.kube import ApiError, Kube, triagejob_path, triagepool_path
 from tests.conftest import CRDS, REPO
 from tests.pipeline import alert_spec, script_spec
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from kubetriage import devenv
-from kubetriage.ingest_models import ALERT_STATUS_LABEL, VERDICT, VERDICT_AT, VERDICT_BY, VERDICT_REASON
+from devharness import devenv
+from kubetriage.api.keys import ALERT_STATUS_LABEL, VERDICT, VERDICT_AT, VERDICT_BY, VERDICT_REASON
 from tests.ingestenv import IngestEnv
 from tests.pipeline import Pipeline
 

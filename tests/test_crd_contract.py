@@ -10,7 +10,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from kubetriage import crdgen, models
+from devharness import crdgen
+from kubetriage.api import models
 from tests.modelfill import full
 
 CRDS = Path(__file__).resolve().parent.parent / "crds"
@@ -22,7 +23,7 @@ def _load(name: str) -> dict[str, Any]:
 
 def test_committed_crds_are_generated_from_models() -> None:
     for name, content in crdgen.files().items():
-        assert (CRDS / name).read_text() == content, f"{name} is stale: run python -m kubetriage.crdgen"
+        assert (CRDS / name).read_text() == content, f"{name} is stale: run python -m devharness.crdgen"
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:

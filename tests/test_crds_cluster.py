@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetriage import devenv, models
+from devharness import devenv
+from kubetriage.api import models
 from tests.conftest import EXAMPLES
 from tests.modelfill import full
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.cluster
 
 def test_demo_prints_verdicts_and_database_rows(cluster: object) -> None:
     # ``cluster`` only makes sure the control-plane binaries are built before the clock starts
-    result = subprocess.run([sys.executable, "-m", "kubetriage.demo", "--exit"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "devharness.demo", "--exit"], capture_output=True, text=True,
                             timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout

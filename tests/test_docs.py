@@ -7,8 +7,8 @@ from pathlib import Path
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from kubetriage import metrics
-from kubetriage.config import Settings
+from kubetriage.infra import metrics
+from kubetriage.infra.config import Settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

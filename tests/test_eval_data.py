@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from bench import eval as bench_eval
-from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest
 from kubetriage.analyzers.memory import MemoryAnalyzer
-from kubetriage.models import CheckType, Classification, SourceType
+from kubetriage.api.contract import AnalysisContext, AnalysisRequest
+from kubetriage.api.models import CheckType, Classification, SourceType
 
 CASES = Path(__file__).parent / "data" / "eval_cases.yaml"
 

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from kubetriage import devenv
+from devharness import devenv
 from tests.fakellm import FakeLLM, Step, verdict_content
 from tests.pipeline import Pipeline, script_spec
 
@@ -174,7 +174,7 @@ async def test_pool_scales_with_backlog(pipeline: Pipeline, llm: FakeLLM) -> Non
     await asyncio.gather(*(p.job(n, llm_job(n)) for n in names))
 
     async def replicas() -> int:
-        from kubetriage.kube import ApiError
+        from kubetriage.infra.kube import ApiError
 
         try:
             dep = await p.kube.get(f"/apis/apps/v1/namespaces/{p.ns}/deployments/kubetriage-worker-default")

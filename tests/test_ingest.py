@@ -13,9 +13,9 @@ from typing import Any
 import kopf
 import pytest
 
-from kubetriage import devenv
-from kubetriage.ingest_models import ALERT_STATUS_LABEL, RESOLVED_AT
-from kubetriage.kube import Kube
+from devharness import devenv
+from kubetriage.api.keys import ALERT_STATUS_LABEL, RESOLVED_AT
+from kubetriage.infra.kube import Kube
 from tests.ingestenv import IngestEnv, am_alert, webhook
 
 pytestmark = pytest.mark.cluster

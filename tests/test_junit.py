@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from kubetriage import devenv
-from kubetriage.ingest_models import JUNIT_RUN_LABEL
-from kubetriage.junit import ATTACHMENTS, parse_report
+from devharness import devenv
+from kubetriage.api.keys import JUNIT_RUN_LABEL
+from kubetriage.ingest.junit import ATTACHMENTS, parse_report
 from tests.ingestenv import IngestEnv
 
 pytestmark = pytest.mark.cluster

@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import pytest
 
-from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest, PastResult
 from kubetriage.analyzers.llm import (
     FENCE_CLOSE,
     FENCE_OPEN,
@@ -40,7 +39,8 @@ from kubetriage.analyzers.llm import (
     parse_reply,
     parse_retry_after,
 )
-from kubetriage.models import Alert, AttemptRecord, Classification, ScriptResult, Source, Verdict
+from kubetriage.api.contract import AnalysisContext, AnalysisRequest, PastResult
+from kubetriage.api.models import Alert, AttemptRecord, Classification, ScriptResult, Source, Verdict
 from tests.fakellm import FakeLLM, Step, verdict_content
 
 KEY = "sk-or-v1-THIS-KEY-MUST-NEVER-LEAK-0123456789abcdef"

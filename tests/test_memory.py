@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
-from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest
 from kubetriage.analyzers.chain import run_offline_chain
 from kubetriage.analyzers.memory import MemoryAnalyzer, MemoryCase, normalise, subject_key
 from kubetriage.analyzers.rules import RulesAnalyzer
-from kubetriage.models import Alert, CheckType, Classification, ScriptResult, Source, TriageJobSpec, Verdict
-from kubetriage.sinks import SqliteSink, VerdictRecord, job_summary
+from kubetriage.api.contract import AnalysisContext, AnalysisRequest
+from kubetriage.api.models import Alert, CheckType, Classification, ScriptResult, Source, TriageJobSpec, Verdict
+from kubetriage.api.summary import job_summary
+from kubetriage.infra.sinks import SqliteSink, VerdictRecord
 
 FP = Classification.FALSE_POSITIVE
 VALID = Classification.VALID

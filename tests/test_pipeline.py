@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from kubetriage.models import API_VERSION
+from kubetriage.api.models import API_VERSION
 from tests.conftest import EXAMPLES
 from tests.pipeline import Pipeline, alert_spec, script_spec, started
 
@@ -132,7 +132,7 @@ async def test_rate_limit_spaces_job_starts(pipeline: Pipeline) -> None:
     await asyncio.gather(*(p.job(n, script_spec(f"rl{n}")) for n in names))
     jobs = await p.wait_terminal(names)
     starts = sorted(started(jobs[n]) for n in names)
-    from kubetriage.runtime import parse_time
+    from kubetriage.api.timeutil import parse_time
 
     span = (parse_time(starts[-1]) - parse_time(starts[0])).total_seconds()
     assert span >= 8 / 4 - 0.05  # the bucket admits one job per 250 ms after the first
@@ -250,7 +250,7 @@ async def test_an_invalid_verdict_from_a_worker_fails_the_job_instead_of_looping
     """A worker of another version reports garbage through the real stream: the job fails with the reason."""
     import redis.asyncio as aioredis
 
-    from kubetriage.queue import Queue
+    from kubetriage.infra.queue import Queue
 
     p = pipeline
     await p.pool("default", concurrency=1, replicas={"min": 0, "max": 0})

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kubetriage import devenv
+from devharness import devenv
 from tests.pipeline import Pipeline, alert_spec, script_spec
 
 pytestmark = pytest.mark.cluster

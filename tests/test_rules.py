@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest, PastResult
 from kubetriage.analyzers.chain import NO_VERDICT_REASON, run_offline_chain
 from kubetriage.analyzers.rules import RulesAnalyzer, parse_maintenance_window
-from kubetriage.models import (
+from kubetriage.api.contract import AnalysisContext, AnalysisRequest, PastResult
+from kubetriage.api.models import (
     MAX_REASON,
     Alert,
     AnalyzerName,

@@ -21,8 +21,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kubetriage import devenv
-from kubetriage.models import (
+from devharness import devenv
+from kubetriage.api.models import (
     MAX_REASON,
     Alert,
     CheckType,
@@ -34,7 +34,8 @@ from kubetriage.models import (
     Verdict,
     verdict_from_classification,
 )
-from kubetriage.sinks import (
+from kubetriage.api.summary import job_summary
+from kubetriage.infra.sinks import (
     MAX_SUMMARY_BYTES,
     USER_COLUMNS,
     PostgresSink,
@@ -42,7 +43,6 @@ from kubetriage.sinks import (
     SinkError,
     SqliteSink,
     VerdictRecord,
-    job_summary,
     open_sink,
 )
 

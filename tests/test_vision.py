@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
-from kubetriage.analyzers.base import AnalysisContext, AnalysisRequest
 from kubetriage.analyzers.llm import SYSTEM_PROMPT, LLMConfig
 from kubetriage.analyzers.vision import (
     VISION_RULES,
@@ -32,7 +31,8 @@ from kubetriage.analyzers.vision import (
     prepare_image,
     sniff,
 )
-from kubetriage.models import Classification, Screenshot, ScriptResult, Source
+from kubetriage.api.contract import AnalysisContext, AnalysisRequest
+from kubetriage.api.models import Classification, Screenshot, ScriptResult, Source
 from tests.fakellm import FakeLLM
 from tests.localhttp import LocalHTTPServer, Route
 

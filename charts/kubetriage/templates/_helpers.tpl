@@ -41,7 +41,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
 
-{{/* The worker pods, as operator/pools.py labels them (managed-by kubetriage, not by Helm). */}}
+{{/* The worker pods, as operator/kubetriage/controller/pools.py labels them (managed-by kubetriage, not by Helm). */}}
 {{- define "kubetriage.workerSelector" -}}
 app.kubernetes.io/name: kubetriage
 app.kubernetes.io/component: worker

@@ -1,3 +1,0 @@
-from kubetriage.cli import main
-
-raise SystemExit(main())

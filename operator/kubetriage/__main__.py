@@ -1,0 +1,3 @@
+from kubetriage.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""kopf handlers: thin wrappers that call one module per operation.
+
+TriageJobs use ``on.event`` only: kopf keeps no progress annotations, no
+diff-base and no finalizer on them, so every API write a job costs is one we
+make ourselves (and count). TriagePools get a daemon (their control loop),
+which kopf stops on a standby replica.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from kubetriage.api.models import GROUP, VERSION
+from kubetriage.controller import admission, overrides, pools, recording
+from kubetriage.controller.runtime import Runtime
+from kubetriage.infra import metrics
+from kubetriage.infra.config import Settings
+from kubetriage.ingest import server as ingest
+
+log = logging.getLogger("kubetriage")
+
+
+def _rt(memo: kopf.Memo) -> Runtime:
+    return memo["runtime"]
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    cfg = Settings.from_env()
+    # Fixed before the first release: changing them would re-handle every object.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP, v1=False)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled", v1=False)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.enabled = False  # our own Events, one per terminal transition; not one per log line
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.chunk_size = 500
+    # kopf keeps one worker per object alive for idle_timeout after its last event, and a worker_limit
+    # makes new objects wait for a free one: with a limit, a burst of status echoes delays the admission
+    # of new (p1) jobs by seconds. No limit (kopf's default), and workers that leave after 1 s.
+    settings.batching.idle_timeout = 1.0
+    settings.networking.request_timeout = 60
+    settings.peering.lifetime = cfg.peering_lifetime_seconds
+    memo["runtime"] = await Runtime.create(cfg)
+    if not cfg.standalone:
+        await memo["runtime"].ensure_peering_objects()
+    metrics.start_server(cfg.metrics_port)
+    # on every replica, standby too: ingest only creates TriageJobs, idempotently (see kubetriage.ingest.server)
+    memo["ingest"] = await ingest.start_ingest(cfg, memo["runtime"].kube)
+    log.info("kubetriage operator %s started (identity %s)", GROUP, memo["runtime"].identity)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await ingest.stop_ingest(memo.get("ingest"))
+    rt = memo.get("runtime")
+    if rt is not None:
+        await rt.close()
+
+
+@kopf.on.event(GROUP, VERSION, "triagejobs")
+async def triagejob_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
+    body = event["object"]
+    if event.get("type") == "DELETED":
+        await admission.forget(rt, body)
+        return
+    if not await overrides.apply(rt, body):
+        await admission.admit(rt, body)
+    recording.backlog_from_status(rt, body)
+
+
+@kopf.on.event(GROUP, VERSION, "triagepools")
+async def triagepool_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
+    body = event["object"]
+    if event.get("type") == "DELETED":
+        key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+        rt.pools.pop(key, None)
+        rt.pool_generations.pop(key, None)
+        return
+    await pools.reconcile(rt, body)
+
+
+@kopf.daemon(GROUP, VERSION, "triagepools", cancellation_timeout=10, initial_delay=0)
+async def triagepool_loop(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    await pools.run_pool(_rt(memo), dict(body), stopped)
+
+
+@kopf.on.event("scheduling.k8s.io", "v1", "priorityclasses")
+async def priorityclass_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
+    body = event["object"]
+    name = body["metadata"]["name"]
+    if event.get("type") == "DELETED":
+        rt.priority_classes.pop(name, None)
+        return
+    known = rt.priority_classes.get(name)
+    rt.priority_classes[name] = int(body.get("value", 0))
+    if known is None and rt.waiting:
+        await admission.readmit_waiting(rt)

@@ -1,0 +1,240 @@
+"""TriagePools: one owned worker Deployment each, scaled on backlog; and the pool's control loop.
+
+The control loop runs as a kopf daemon per TriagePool, so kopf's peering
+stops it on a standby replica: only the active operator reaps leases, records
+results and scales. There is no per-TriageJob timer anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from typing import Any
+
+import kopf
+
+from kubetriage.api.keys import POOL_LABEL
+from kubetriage.api.models import TriagePoolSpec
+from kubetriage.controller import admission, overrides, recording
+from kubetriage.controller.runtime import PoolInfo, Runtime
+from kubetriage.infra import metrics
+from kubetriage.infra.kube import ApiError, deployment_path, triagepool_path
+
+log = logging.getLogger("kubetriage.controller.pools")
+
+WORKER_UID = 10001
+
+
+def deployment_name(pool_name: str) -> str:
+    return f"kubetriage-worker-{pool_name}"[:63].rstrip("-")
+
+
+def labels(pool: PoolInfo) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetriage",
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": "kubetriage",
+        POOL_LABEL: pool.name,
+    }
+
+
+def worker_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> dict[str, Any]:
+    """The worker Deployment for a pool: no API token, non-root, read-only root filesystem."""
+    spec = TriagePoolSpec.model_validate(pool.spec)
+    s = rt.settings
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETRIAGE_POOL", "value": pool.key},
+        {"name": "KUBETRIAGE_REDIS_PREFIX", "value": s.redis_prefix},
+        {"name": "KUBETRIAGE_CONCURRENCY", "value": str(spec.concurrency)},
+        {"name": "KUBETRIAGE_ANALYZER_CHAIN", "value": str(spec.analyzer.chain)},
+        {"name": "KUBETRIAGE_CONFIDENCE_THRESHOLD", "value": str(spec.analyzer.confidence_threshold)},
+        {"name": "KUBETRIAGE_LEASE_SECONDS", "value": str(s.lease_seconds)},
+        {"name": "KUBETRIAGE_RETRY_BACKOFF_SECONDS", "value": str(s.retry_backoff_seconds)},
+        {"name": "KUBETRIAGE_RETRY_BACKOFF_MAX_SECONDS", "value": str(s.retry_backoff_max_seconds)},
+        {"name": "KUBETRIAGE_LLM_TIMEOUT_SECONDS", "value": str(spec.analyzer.timeout_seconds)},
+        {"name": "KUBETRIAGE_METRICS_PORT", "value": str(s.metrics_port)},
+        {"name": "KUBETRIAGE_SHUTDOWN_GRACE_SECONDS", "value": str(s.shutdown_grace_seconds)},
+    ]
+    if s.redis_url_secret:
+        secret, _, key = s.redis_url_secret.partition("/")
+        env.append({"name": "KUBETRIAGE_REDIS_URL",
+                    "valueFrom": {"secretKeyRef": {"name": secret, "key": key or "url"}}})
+    else:
+        env.append({"name": "KUBETRIAGE_REDIS_URL", "value": s.redis_url})
+    if spec.analyzer.base_url:
+        env.append({"name": "KUBETRIAGE_LLM_BASE_URL", "value": spec.analyzer.base_url})
+    if spec.analyzer.model:
+        env.append({"name": "KUBETRIAGE_LLM_MODEL", "value": spec.analyzer.model})
+    if spec.analyzer.vision_model:
+        env.append({"name": "KUBETRIAGE_LLM_VISION_MODEL", "value": spec.analyzer.vision_model})
+    if s.vision_allow_hosts:
+        env.append({"name": "KUBETRIAGE_VISION_ALLOW_HOSTS", "value": s.vision_allow_hosts})
+    if spec.analyzer.api_key_secret_ref:
+        ref = spec.analyzer.api_key_secret_ref
+        env.append({"name": "KUBETRIAGE_LLM_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}}})
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": spec.image or s.worker_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["kubetriage", "worker"],
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": s.metrics_port}] if s.metrics_port else [],
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
+            "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if spec.resources:
+        container["resources"] = spec.resources.wire()
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": int(s.shutdown_grace_seconds) + 5,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
+                            "fsGroup": WORKER_UID},
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+    }
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    body = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": deployment_name(pool.name), "namespace": pool.namespace, "labels": labels(pool)},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {POOL_LABEL: pool.name, "app.kubernetes.io/component": "worker"}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": labels(pool)}, "spec": pod_spec},
+        },
+    }
+    kopf.adopt(body, owner={"apiVersion": "kubetriage.io/v1alpha1", "kind": "TriagePool",
+                            "metadata": {"name": pool.name, "namespace": pool.namespace, "uid": pool.uid}})
+    return body
+
+
+_exported: dict[str, set[str]] = {}
+
+
+def _export_queue(pool: str, depth: dict[str, int], oldest: dict[str, float]) -> None:
+    """Set the per-priority gauges; priorities that emptied are set to 0 rather than left stale."""
+    seen = _exported.setdefault(pool, set())
+    for prio in seen - set(depth):
+        metrics.QUEUE_DEPTH.labels(pool, prio).set(0)
+        metrics.QUEUE_OLDEST.labels(pool, prio).set(0)
+    for prio, n in depth.items():
+        metrics.QUEUE_DEPTH.labels(pool, prio).set(n)
+        metrics.QUEUE_OLDEST.labels(pool, prio).set(oldest.get(prio, 0.0))
+    seen |= set(depth)
+
+
+def _export_jobs(rt: Runtime) -> None:
+    counts: dict[tuple[str, str], int] = {}
+    for uid, phase in rt.phases.items():
+        key = (phase or "New", rt.sources.get(uid, ""))
+        counts[key] = counts.get(key, 0) + 1
+    for (phase, source), n in counts.items():
+        metrics.JOBS.labels(phase, source).set(n)
+    for labels in list(_jobs_exported - set(counts)):
+        metrics.JOBS.labels(*labels).set(0)
+    _jobs_exported.update(counts)
+
+
+_jobs_exported: set[tuple[str, str]] = set()
+
+
+async def apply_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> None:
+    body = worker_deployment(rt, pool, replicas)
+    await rt.kube.apply(deployment_path(pool.namespace, body["metadata"]["name"]), body)
+
+
+def _desired(spec: TriagePoolSpec, backlog: int, running: int) -> int:
+    need = math.ceil((backlog + running) / max(1, spec.concurrency))
+    return max(spec.replicas.min, min(spec.replicas.max, need))
+
+
+async def reconcile(rt: Runtime, body: dict[str, Any]) -> None:
+    """Pool created or changed: record it, push its limits to Redis, (re)apply its Deployment."""
+    pool = rt.observe_pool(body)
+    status = body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    spec = TriagePoolSpec.model_validate(pool.spec)
+    changed = pool.key not in rt.pool_generations or rt.pool_generations[pool.key] != generation
+    if changed:  # new to this replica, or its spec changed: not the echo of our own status writes
+        await rt.push_pool_config(pool)
+        rt.pool_generations[pool.key] = generation
+    if status.get("observedGeneration") == generation and status.get("deployment"):
+        if changed:
+            await admission.readmit_waiting(rt)
+        return
+    replicas = max(spec.replicas.min, min(spec.replicas.max, int(status.get("replicas") or spec.replicas.min)))
+    await apply_deployment(rt, pool, replicas)
+    await rt.kube.merge_patch(triagepool_path(pool.namespace, pool.name, status=True), {"status": {
+        "observedGeneration": generation, "deployment": deployment_name(pool.name), "replicas": replicas,
+    }})
+    await admission.readmit_waiting(rt)
+
+
+async def run_pool(rt: Runtime, body: dict[str, Any], stopped: kopf.DaemonStopped) -> None:
+    """The pool's loop while this replica is active: record, reap, scale, and watch for a Redis reset."""
+    pool = rt.observe_pool(body)
+    stop = asyncio.Event()
+    consumer = f"{rt.identity}-{pool.namespace}-{pool.name}"
+    consumer_task = asyncio.create_task(recording.consume(rt, consumer, stop))
+    s = rt.settings
+    current = int((body.get("status") or {}).get("replicas") or 0)
+    low_since: float | None = None
+    last_status: tuple[int, int, int] | None = None
+    loop = asyncio.get_running_loop()
+    try:
+        while not stopped:
+            try:
+                if not await rt.queue.epoch_ok():
+                    await admission.rebuild(rt)
+                    await overrides.seed_memory(rt)
+                retried, failed = await rt.queue.reap(pool.key, int(s.retry_backoff_seconds * 1000),
+                                                      int(s.retry_backoff_max_seconds * 1000))
+                if retried or failed:
+                    metrics.LEASE_EXPIRIES.labels(pool.key).inc(retried + failed)
+                    metrics.RETRIES.labels(pool.key, "lease_expired").inc(retried)
+                if rt.db_backlog:
+                    await recording.retry_db_backlog(rt)
+                pool = rt.pools.get(pool.key, pool)
+                spec = TriagePoolSpec.model_validate(pool.spec)
+                depth = await rt.queue.depth(pool.key)
+                running = depth.pop("running", 0)
+                backlog = sum(depth.values())
+                _export_queue(pool.key, depth, await rt.queue.oldest_queued_age(pool.key))
+                _export_jobs(rt)
+                desired = _desired(spec, backlog, running)
+                if desired > current:
+                    low_since = None
+                    await apply_deployment(rt, pool, desired)
+                    current = desired
+                elif desired < current:
+                    low_since = low_since or loop.time()
+                    if loop.time() - low_since >= s.scale_down_delay_seconds:
+                        await apply_deployment(rt, pool, desired)
+                        current, low_since = desired, None
+                else:
+                    low_since = None
+                snapshot = (current, backlog, running)
+                if snapshot != last_status:
+                    last_status = snapshot
+                    with contextlib.suppress(ApiError):
+                        await rt.kube.merge_patch(triagepool_path(pool.namespace, pool.name, status=True), {
+                            "status": {"replicas": current, "backlog": backlog, "running": running}})
+            except (OSError, ConnectionError, ApiError) as exc:
+                log.warning("pool %s loop: %s", pool.key, exc)
+            except Exception:
+                log.exception("pool %s loop failed; continuing", pool.key)
+            await stopped.wait(1.0)
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(consumer_task, timeout=5)
