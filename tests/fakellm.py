@@ -149,7 +149,6 @@ class FakeLLM:
         self._default = self._as_step(default) if default is not None else Step(content=verdict_content())
         self._port_wanted = port
         self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)
         self._queue: deque[Step] = deque()
         self._rule: Rule | None = None
         self._received: list[Received] = []
@@ -388,19 +387,6 @@ class FakeLLM:
         with self._lock:
             return len(self._queue)
 
-    def wait_for_requests(self, count: int, timeout: float = 30.0) -> bool:
-        """Block until ``count`` chat requests have arrived; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._arrived:
-            while True:
-                n = sum(1 for r in self._received if r.path.endswith("/chat/completions"))
-                remaining = deadline - time.monotonic()
-                if n >= count:
-                    return True
-                if remaining <= 0:
-                    return False
-                self._arrived.wait(remaining)
-
     # ----------------------------------------------------------------------- HTTP
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -426,9 +412,8 @@ class FakeLLM:
     ) -> bool:
         received, keep_alive = request
         path = received.path.split("?", 1)[0].rstrip("/")
-        with self._arrived:
+        with self._lock:
             self._received.append(received)
-            self._arrived.notify_all()
         if path.endswith("/models") and received.method == "GET":
             listing = [{"id": m, "object": "model", "owned_by": "fakellm"} for m in self.models]
             data = {"object": "list", "data": listing}

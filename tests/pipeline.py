@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sqlite3
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from devharness import devenv, localrun
 from devharness.localpods import LocalPods
 from kubetriage.api.models import API_VERSION
 from kubetriage.infra.kube import ApiError, Kube, triagejob_path, triagepool_path
+from tests.waiting import eventually
 
 TERMINAL = {"Succeeded", "Failed"}
 
@@ -86,6 +86,11 @@ class Pipeline:
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.pods.all_pods() if p.alive()]
 
+    def worker_log(self) -> str:
+        """What every worker pod of this test wrote (stdout and stderr), pod by pod."""
+        logs = sorted(self.root.glob("pods/*.log"), key=lambda f: f.stat().st_mtime)
+        return "".join(f.read_text(errors="replace") for f in logs)
+
     def kill_worker(self) -> int:
         pid = self.worker_pids()[0]
         os.killpg(pid, signal.SIGKILL)
@@ -114,15 +119,9 @@ class Pipeline:
         await self.kube.delete(triagejob_path(self.ns, name))
 
     async def wait(self, predicate: Any, what: str, timeout: float = 90, interval: float = 0.25) -> Any:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            last = await predicate()
-            if last:
-                return last
-            await asyncio.sleep(interval)
-        logs = "\n".join(op.tail(40) for op in self.operators)
-        raise AssertionError(f"timed out waiting for {what}; last={last!r}\noperator log:\n{logs}")
+        """``eventually``, with the operators' logs in the failure message."""
+        return await eventually(predicate, what, timeout=timeout, interval=interval,
+                                context=lambda: "operator log:\n" + "\n".join(op.tail(40) for op in self.operators))
 
     async def wait_phase(self, names: list[str], phases: set[str], timeout: float = 90) -> dict[str, dict[str, Any]]:
         async def check() -> dict[str, dict[str, Any]] | None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from prometheus_client import REGISTRY
 from devharness import devenv
 from kubetriage.api.keys import ALERT_FINGERPRINT_LABEL, ALERT_STATUS_LABEL, RESOLVED_AT
 from tests.ingestenv import IngestEnv
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -113,17 +113,6 @@ def _am_metric(am: devenv.Alertmanager, name: str, integration: str = "webhook")
     return total
 
 
-async def _wait(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last={last!r}")
-
-
 async def _by_fingerprint(env: IngestEnv, ns: str) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for job in await env.jobs(ns):
@@ -139,7 +128,7 @@ async def test_alertmanager_webhooks_become_triagejobs_once_and_resolve(
     payments = _alert("QueueBacklog", started, instance="mq-1", severity="warning", team="payments")
     await _post_alerts(am, [api_down, payments])
 
-    jobs = await _wait(lambda: _jobs_in(env, {env.ns: 1, env.ns2: 1}), "one job per alert, routed by namespace")
+    jobs = await eventually(lambda: _jobs_in(env, {env.ns: 1, env.ns2: 1}), "one job per alert, routed by namespace")
     (job,) = jobs[env.ns]
     assert job["metadata"]["name"].startswith("am-apidown-")
     spec = job["spec"]
@@ -157,7 +146,7 @@ async def test_alertmanager_webhooks_become_triagejobs_once_and_resolve(
     seen = _deliveries()
     for _ in range(3):
         await _post_alerts(am, [api_down, payments])
-    await _wait(lambda: asyncio.sleep(0, _deliveries() >= seen + 4), "at least four more webhook deliveries")
+    await eventually(lambda: _deliveries() >= seen + 4, "at least four more webhook deliveries")
     jobs = await _jobs_in(env, {env.ns: 1, env.ns2: 1})
     assert jobs, "a re-send created another job"
     assert _am_metric(am, "alertmanager_notifications_failed_total") == 0
@@ -170,7 +159,7 @@ async def test_alertmanager_webhooks_become_triagejobs_once_and_resolve(
         current = await env.job(job["metadata"]["name"])
         return current if current["metadata"]["labels"][ALERT_STATUS_LABEL] == "resolved" else None
 
-    current = await _wait(resolved, "the resolved notification")
+    current = await eventually(resolved, "the resolved notification")
     assert current["metadata"]["annotations"][RESOLVED_AT] > started
     assert current["spec"] == job["spec"]
 
@@ -182,7 +171,7 @@ async def test_alertmanager_webhooks_become_triagejobs_once_and_resolve(
         episodes = (await _by_fingerprint(env, env.ns)).get(fp, [])
         return episodes if len(episodes) == 2 else None
 
-    episodes = await _wait(second_episode, "a job for the second firing episode")
+    episodes = await eventually(second_episode, "a job for the second firing episode")
     new = next(j for j in episodes if j["metadata"]["name"] != job["metadata"]["name"])
     assert new["metadata"]["labels"][ALERT_STATUS_LABEL] == "firing" and new["spec"]["alert"]["status"] == "firing"
 
@@ -195,8 +184,8 @@ async def _jobs_in(env: IngestEnv, expected: dict[str, int]) -> dict[str, list[d
 async def test_alertmanager_with_a_wrong_token_creates_nothing(stack: tuple[IngestEnv, devenv.Alertmanager]) -> None:
     env, am = stack
     await _post_alerts(am, [_alert("Sneaky", _now(-5), instance="x", team="intruder")])
-    await _wait(lambda: asyncio.sleep(0, _am_metric(am, "alertmanager_notifications_failed_total") >= 1),
-                "Alertmanager to report the refused delivery")
+    await eventually(lambda: _am_metric(am, "alertmanager_notifications_failed_total") >= 1,
+                     "Alertmanager to report the refused delivery")
     for ns in (env.ns, env.ns2, env.team_ns):
         assert await env.jobs(ns) == []
     assert await env.healthy()

@@ -25,7 +25,6 @@ import sqlite3
 import subprocess
 import tarfile
 import textwrap
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -43,6 +42,7 @@ from kubetriage.infra.config import Settings
 from kubetriage.infra.kube import ApiError, Kube, triagejob_path, triagepool_path
 from tests.conftest import CRDS, REPO
 from tests.pipeline import alert_spec, script_spec
+from tests.waiting import eventually
 
 CHART = REPO / "charts" / "kubetriage"
 DATA = Path(__file__).parent / "data"
@@ -566,16 +566,10 @@ def sa_writes(cluster: devenv.ControlPlane, user: str) -> list[dict[str, Any]]:
 
 
 async def wait_for(check: Any, what: str, proc: devenv.Proc, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise AssertionError(f"operator exited while waiting for {what}:\n{proc.tail(60)}")
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last={last!r}\noperator log:\n{proc.tail(60)}")
+    """``eventually``, giving up when the operator exits, with its log in the failure message."""
+    return await eventually(check, what, timeout=timeout, interval=0.3,
+                            give_up=lambda: None if proc.alive() else f"the operator exited:\n{proc.tail(60)}",
+                            context=lambda: f"operator log:\n{proc.tail(60)}")
 
 
 def http_get(url: str) -> tuple[int, str]:

@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +21,7 @@ from devharness import devenv
 from kubetriage.api.keys import ALERT_STATUS_LABEL, VERDICT, VERDICT_AT, VERDICT_BY, VERDICT_REASON
 from tests.ingestenv import IngestEnv
 from tests.pipeline import Pipeline
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -174,15 +174,6 @@ async def test_submit_through_the_ingest_endpoint(env: IngestEnv, tmp_path: Path
     assert code == 1 and "cannot reach" in err
 
 
-async def _wait(check: Any, what: str, timeout: float = 90) -> Any:
-    for _ in range(int(timeout / 0.3)):
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_operator_serves_ingest_and_cli_shows_verdicts_and_queue(pipeline: Pipeline) -> None:
     p = pipeline
     port, token = devenv.free_port(), "operator-ingest-token-0123456789"
@@ -197,7 +188,7 @@ async def test_operator_serves_ingest_and_cli_shows_verdicts_and_queue(pipeline:
         except httpx.HTTPError:
             return False
 
-    await _wait(serving, "the operator's ingest port")
+    await eventually(serving, "the operator's ingest port", timeout=90, interval=0.3)
     env = {"KUBETRIAGE_INGEST_TOKEN": token}
     code, out, err = await cli("submit", "script", "cart-e2e", "--id", "1", "--error",
                                "AssertionError: total was 0", "--url", url, "-o", "json", env=env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -81,7 +82,8 @@ def test_bench_eval_runs_on_a_ten_case_subset(tmp_path: Path, capsys: pytest.Cap
     results = bench_eval.main(["--limit", "10", "--output", str(out)])
     written = json.loads(out.read_text())
     assert written["cases"] == 10
-    assert set(written["chains"]) == {"always valid", "rules", "memory+rules", "memory+rules+fake-llm"}
+    assert set(written["chains"]) == {"always valid", "rules", "memory+rules", "memory+rules (no evidence)",
+                                      "memory+rules+fake-llm"}
     for name, scores in written["chains"].items():
         assert scores["cases"] == 10, name
         assert sum(scores["predicted"].values()) == 10, name
@@ -111,3 +113,58 @@ def test_scoring_counts_outages_called_false_positive_separately(loaded: tuple) 
     assert scores["inconclusive_share"] == pytest.approx(1 / 3, abs=1e-3)
     assert scores["valid_called_fp"] == 1
     assert scores["outages_called_fp"] == 1 and scores["outages_called_fp_ids"] == [outage.id]
+
+
+# --------------------------------------------------------------------------- the splits
+
+DATA = Path(__file__).parent / "data"
+FROZEN = DATA / "eval_frozen.yaml"
+FROZEN_MANIFEST = DATA / "eval_frozen.sha256.json"
+
+
+def _frozen_hash(case: dict[str, object]) -> str:
+    payload = {k: case.get(k) for k in ("spec", "label", "outage", "evidence")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def test_the_frozen_split_is_unchanged_since_it_was_frozen() -> None:
+    """A frozen case's payload, label or evidence may never change, and no case may leave: tuning on it would."""
+    data = yaml.safe_load(FROZEN.read_text())
+    manifest = json.loads(FROZEN_MANIFEST.read_text())
+    assert data["split"] == "frozen" and data["frozen_at"] == manifest["frozen_at"]
+    assert data["now"] == manifest["now"]
+    current = {c["id"]: _frozen_hash(c) for c in data["cases"]}
+    changed = sorted(i for i, h in manifest["cases"].items() if current.get(i) != h)
+    assert not changed, f"frozen cases changed or removed: {changed}"
+    seeds = hashlib.sha256(json.dumps(data.get("memory_seeds"), sort_keys=True, default=str).encode()).hexdigest()
+    assert seeds == manifest["memory_seeds"], "the frozen split's memory seeds changed"
+
+
+def test_the_frozen_hash_notices_a_change() -> None:
+    case = yaml.safe_load(FROZEN.read_text())["cases"][0]
+    edited = {**case, "label": "valid" if case["label"] == "false_positive" else "false_positive"}
+    assert _frozen_hash(edited) != _frozen_hash(case)
+
+
+def test_the_splits_are_big_enough_and_disjoint() -> None:
+    files = [bench_eval.load_file(p) for p in bench_eval.DEFAULT_CASES]
+    cases = [c for f in files for c in f.cases]
+    assert len(cases) >= 200 and len({c.id for c in cases}) == len(cases)
+    frozen = [c for c in cases if c.split == "frozen"]
+    assert len(frozen) >= 100
+    outages = [c for c in frozen if c.outage]
+    assert len(outages) >= 30
+    assert {c.request.source.type for c in outages} == {SourceType.ALERT, SourceType.SCRIPT_RESULT}
+    assert {c.split for c in cases} == {"tuning", "frozen"}
+
+
+def test_a_file_without_split_markers_is_one_split(tmp_path: Path) -> None:
+    data = yaml.safe_load(CASES.read_text())
+    data.pop("split", None)
+    plain = tmp_path / "independent.yaml"
+    plain.write_text(yaml.safe_dump(data))
+    results = asyncio.run(bench_eval.evaluate([plain], limit=6, with_llm=False))
+    assert list(results["splits"]) == ["independent"]
+    assert set(results["chains"]) >= {"memory+rules", "rules", "always valid"}
+    for field in ("fp_precision", "fp_recall", "inconclusive_share", "outages_called_fp", "mistakes"):
+        assert field in results["chains"]["memory+rules"]

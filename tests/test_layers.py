@@ -10,7 +10,8 @@
     main         the entry point: the only module that may import controller and worker, and only lazily
 
 Also: every ``kubetriage.*`` import resolves to a file by its name under one of the two source roots
-(``operator/`` and ``analyzers/``), and nothing in the package imports the dev harness, tests or bench.
+(``operator/`` and ``analyzers/``), nothing in the package imports the dev harness, tests or bench, and
+no module but ``kubetriage.infra.queue`` sends Redis a command (the queue owns every key).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "controller": {"api", "infra", "controller", "ingest"},  # the operator process hosts the ingest server
     "worker": {"api", "infra", "analyzers", "worker"},
     "ingest": {"api", "infra", "ingest"},
-    "cli": {"api", "infra", "ingest", "cli"},
+    "cli": {"api", "infra", "ingest", "cli", "analyzers"},  # `rule test` replays rules with the analyzers
     "main": {"api", "infra", "cli", "controller", "worker", "main"},
 }
 LAZY_ONLY = {"main": {"controller", "worker"}}
@@ -146,3 +147,83 @@ def test_only_the_entry_point_imports_controller_and_worker() -> None:
                  if any(i.module.startswith(("kubetriage.controller", "kubetriage.worker")) for i in imports_of(p))
                  and layer_of(module_name(p)) not in ("controller", "worker")}
     assert importers == {"kubetriage.main"}
+
+
+# ---------------------------------------------------------------- Redis: one owner of every key
+
+REDIS_OWNER = "kubetriage.infra.queue"
+# What a holder of the client may still do with it: shut it down and check it is alive; no key is touched.
+CLIENT_LIFECYCLE = {"aclose", "close", "ping"}
+
+
+def redis_command_calls(path: Path) -> list[str]:
+    """Calls of a Redis command on a client, as ``line: expression``.
+
+    A client is anything named ``redis`` or ``_redis`` (the Runtime field, the Worker attribute and the
+    Queue's own), anything annotated as ``Redis``, and anything assigned from ``from_url(...)``, ``Redis(...)``
+    or ``.pipeline(...)``; module names bound by an import (``import redis.asyncio as aioredis``) are not.
+    """
+    tree = ast.parse(path.read_text(), str(path))
+    clients = {"redis", "_redis"}
+    modules: set[str] = set()
+
+    def name_of(node: ast.AST) -> str | None:
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Attribute):
+            return node.attr
+        return None
+
+    def makes_client(value: ast.AST | None) -> bool:
+        return value is not None and any(
+            isinstance(n, ast.Call) and name_of(n.func) in ("from_url", "Redis", "pipeline") for n in ast.walk(value))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            modules.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Assign) and makes_client(node.value):
+            clients.update(n for t in node.targets if (n := name_of(t)))
+        elif isinstance(node, ast.AnnAssign) and ("Redis" in ast.unparse(node.annotation) or makes_client(node.value)):
+            clients.update(n for n in [name_of(node.target)] if n)
+        elif isinstance(node, ast.arg) and node.annotation is not None and "Redis" in ast.unparse(node.annotation):
+            clients.add(node.arg)
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        receiver = node.func.value
+        if node.func.attr in CLIENT_LIFECYCLE or (isinstance(receiver, ast.Name) and receiver.id in modules):
+            continue
+        if name_of(receiver) in clients:
+            found.append((node.lineno, f"{node.lineno}: {ast.unparse(node.func)}"))
+    return [text for _, text in sorted(found)]
+
+
+@pytest.mark.parametrize("path", [p for p in package_files() if module_name(p) != REDIS_OWNER],
+                         ids=lambda p: module_name(p))
+def test_only_the_queue_sends_redis_commands(path: Path) -> None:
+    calls = redis_command_calls(path)
+    assert not calls, (f"{module_name(path)} talks to Redis directly; add a method to {REDIS_OWNER}.Queue, "
+                       "which owns every key:\n  " + "\n  ".join(calls))
+
+
+def test_the_redis_rule_catches_raw_commands(tmp_path: Path) -> None:
+    """The checker itself: commands on a Runtime's client, a fresh client, a pipeline or the queue's own
+    client are reported; closing and pinging a client, and using the redis module, are not."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import redis.asyncio as aioredis\n"
+        "async def f(rt, url, c: aioredis.Redis):\n"
+        "    await rt.redis.sadd('k', 'v')\n"
+        "    client = aioredis.from_url(url)\n"
+        "    await client.lrange('k', 0, -1)\n"
+        "    pipe = c.pipeline()\n"
+        "    pipe.set('k', 'v')\n"
+        "    await rt.queue._redis.get('k')\n"
+        "    await rt.redis.ping()\n"
+        "    await client.aclose()\n"
+        "    raise aioredis.RedisError('x')\n"
+    )
+    assert [c.split(":")[0] for c in redis_command_calls(bad)] == ["3", "5", "6", "7", "8"]
+    owner = resolve(REDIS_OWNER)
+    assert owner is not None and redis_command_calls(owner), "the checker must see the queue's own commands"

@@ -653,5 +653,5 @@ async def test_fake_serves_other_processes(llm: FakeLLM) -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     assert out.decode().strip() == "false_positive"
-    assert llm.wait_for_requests(1, timeout=5)
-    assert llm.requests[0]["messages"][0]["content"] == "hi"
+    # the other process printed the answer, so its request has arrived: no wait
+    assert len(llm.requests) == 1 and llm.requests[0]["messages"][0]["content"] == "hi"

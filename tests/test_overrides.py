@@ -36,7 +36,7 @@ async def test_override_replaces_ai_verdict_in_status_and_database(pipeline: Pip
     assert st["verdict"]["analyzer"] == "human" and st["verdict"]["confidence"] == 1.0
     assert "the CPU really was pegged (by alice)" in st["verdict"]["reason"]
     assert st["recorded"] is True
-    rows = await p.wait(lambda: asyncio.sleep(0, p.audit_rows() if len(p.audit_rows()) == 2 else None), "rows")
+    rows = await p.wait(lambda: p.audit_rows() if len(p.audit_rows()) == 2 else None, "rows")
     assert sorted(r["check_type"] for r in rows) == ["ai", "user"]
     events = await p.wait(lambda: _reasons(p, "blip", "VerdictOverridden"), "override event")
     assert "valid by alice" in events[0]["message"]
@@ -67,9 +67,13 @@ async def test_override_of_a_queued_job_skips_analysis(pipeline: Pipeline) -> No
     keys = [k async for k in client.scan_iter(f"{p.prefix}:job:*")]
     await client.aclose()
     assert keys == []  # nothing left for a worker to pick up
+    # queued behind "waiting" (same class, later): one worker slot, FIFO, so had "waiting" still been
+    # queued it would have been analysed before this one
+    await p.job("later", script_spec("search", "TypeError: results is undefined"))
+    await p.wait_phase(["later"], {"Queued"})
     await p.patch_pool("default", {"replicas": {"min": 1, "max": 1}})
-    await asyncio.sleep(2)
-    assert [r["check_type"] for r in p.audit_rows()] == ["user"]
+    await p.wait_terminal(["later"])
+    assert sorted((r["job_name"], r["check_type"]) for r in p.audit_rows()) == [("later", "ai"), ("waiting", "user")]
 
 
 async def test_duplicates_after_an_override_inherit_the_human_verdict(pipeline: Pipeline) -> None:

@@ -159,6 +159,13 @@ def make_alerts(db: Db, *ids: Any, id_type: str = "INTEGER") -> None:
         db.sql("INSERT INTO alerts (id, name) VALUES (?, ?)", (i, f"alert {i}"))
 
 
+def make_script_results(db: Db) -> None:
+    """The team's script_results table as it was before kubetriage, with its creation time."""
+    created = "TEXT DEFAULT CURRENT_TIMESTAMP" if db.kind == "sqlite" else "TIMESTAMPTZ DEFAULT now()"
+    db.sql("CREATE TABLE script_results (id INTEGER PRIMARY KEY, script_name TEXT, success BOOLEAN, "
+           f"error_msg TEXT, html_report_r2_url TEXT, created_at {created})")
+
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -190,17 +197,6 @@ async def test_setup_does_not_create_the_users_tables(db: Db, sink: Sink) -> Non
     assert not db.has_table("script_results")
 
 
-async def test_create_user_tables_has_the_original_shape_and_is_idempotent(db: Db, sink: Sink) -> None:
-    await sink.create_user_tables()
-    await sink.create_user_tables()
-    assert {"id", "name", "created_at"} <= db.columns("alerts")
-    assert {"id", "script_name", "success", "error_msg", "html_report_r2_url", "created_at"} <= db.columns(
-        "script_results")
-    db.sql("INSERT INTO alerts (name) VALUES (?)", ("generated id",))  # id is assigned by the database
-    await sink.setup()
-    assert FIVE <= db.columns("alerts")
-
-
 # --------------------------------------------------------------------------- record
 
 
@@ -228,7 +224,7 @@ async def test_record_inserts_audit_row_and_updates_source_row(db: Db, sink: Sin
 
 
 async def test_script_result_verdict_updates_script_results(db: Db, sink: Sink) -> None:
-    await sink.create_user_tables()
+    make_script_results(db)
     db.sql("INSERT INTO script_results (id, script_name, success, error_msg) VALUES (?, ?, ?, ?)",
            (3, "checkout", False, "timeout"))
     await sink.setup()
@@ -389,7 +385,7 @@ async def test_hostile_and_huge_text_is_stored_safely_and_capped(db: Db, sink: S
 
 async def test_script_history_newest_first_from_the_users_table(db: Db, sink: Sink) -> None:
     assert await sink.script_history("login") == []  # no table at all
-    await sink.create_user_tables()
+    make_script_results(db)
     rows = [(1, "login", True, T0), (2, "login", False, T0 + dt.timedelta(hours=2)),
             (3, "checkout", False, T0 + dt.timedelta(hours=3)), (4, "login", True, T0 + dt.timedelta(hours=1)),
             (5, "login", None, T0 + dt.timedelta(hours=4))]
@@ -436,10 +432,6 @@ async def test_human_verdicts_returns_only_user_verdicts_newest_first(db: Db, si
     assert [r["job_uid"] for r in await sink.human_verdicts(limit=1)] == ["b"]
 
 
-async def test_ping(db: Db, sink: Sink) -> None:
-    await sink.ping()
-
-
 # --------------------------------------------------------------------------- failures
 
 
@@ -465,13 +457,13 @@ async def test_postgres_down_raises_sink_error_then_the_same_sink_recovers(
             assert f"127.0.0.1:{postgres_server.port}/{name}" in message
             assert "record of job during" in message
             with pytest.raises(SinkError):
-                await sink.ping()
+                await sink.human_verdicts(limit=1)
         finally:
             postgres_server.start()
 
         # The very same object, not re-created: the retry of the failed record goes through.
         assert await sink.record(record("during", source_id="2")) is True
-        await sink.ping()
+        assert await sink.human_verdicts(limit=1) == []  # reads work again too (both verdicts are the AI's)
 
         # A restart while the sink is idle leaves it a dead connection; the next call must still work.
         postgres_server.stop()
@@ -520,7 +512,6 @@ async def test_sqlite_relative_path_and_memory(tmp_path: Path, monkeypatch: pyte
     assert (tmp_path / "data" / "sub" / "triage.db").is_file()
 
     mem = open_sink("sqlite:///:memory:")
-    await mem.create_user_tables()
     await mem.setup()
     assert await mem.record(record()) is True
     assert await mem.record(record()) is False

@@ -1,22 +1,71 @@
-"""The memory analyzer: reuse what a human already decided about the same failure.
+"""The memory analyzer: reuse what a human already decided about the same failure on the same target.
 
 Teams see the same noisy alert and the same flaky test again and again, and a
 human has usually said what it is the first time. This analyzer indexes those
 human verdicts (``check_type = 'user'`` rows of the audit table, as
-``Sink.human_verdicts()`` returns them) and, for a new job, copies the verdict
-of the most similar past case, naming it, the way ReportPortal's auto-analysis
-does (REFERENCES.md, "Learning from human verdicts"):
+``Sink.human_verdicts()`` returns them, or the operator's Redis list) and, for
+a new job, copies the verdict of the most similar past case, naming it, the
+way ReportPortal's auto-analysis does (REFERENCES.md, "Learning from human
+verdicts"). The chain's safety policy trusts a memory verdict as "a human
+judged this same target", so a case must first *apply* to the job, and only
+then is its text compared:
 
-* text is normalised first: numbers, ids, uuids, hex, timestamps, IPs, URLs
-  and paths become placeholders, so a retried run with a new request id, a new
-  pod hash or a new timestamp is still "the same" failure;
+* **the same subject, exactly**: a case applies only to a job of the same kind
+  with the same alert name, or the same script name and, when either side has
+  one, the same test case. Names are never normalised (``Payments503Errors``
+  is not ``Ingress502BadGateway``), and the index is keyed by (kind, exact
+  subject), so a query only ever walks its own group;
+* **the same target** (alerts): every identity label
+  (``AnalysisContext.identity_labels``: namespace, job, service, instance,
+  target, host, node, pod by default; per pool ``spec.analyzer.identityLabels``)
+  that either side carries must be carried by both, with the same value,
+  compared exactly. A label neither side has does not constrain. Every other
+  label must agree too, once ids are replaced in its value (a CronJob's
+  ``job_name=backup-29012460`` is ``backup-29034180``; ``deployment=catalog-api``
+  is not ``checkout-api``), except the volatile ones (``flaps_last_hour`` ...).
+  Text similarity alone cannot keep targets apart: kube-state-metrics alerts
+  carry a dozen constant labels, and two Deployments of one namespace scored
+  0.84 on them;
+* **a human scope**: a human may give a case a ``scope``, the label keys that
+  must match (narrower or wider than the identity labels). It replaces the
+  identity labels *and* the other-labels check: where the scoped labels match,
+  the case applies whatever else the alert carries (scripts have no labels;
+  a scope on a script case changes nothing);
+* ``severity`` is compared whatever the scope says: a verdict on the warning
+  firing of an alert says nothing about its critical firing, and the
+  kube-prometheus mixins ship many alerts under one name at both severities;
+* **the same URL hosts** (scripts): the hosts the URLs in the error name are
+  the run's target, so a case about ``staging.shop.example`` does not apply
+  to the same test failing against ``www.shop.example``, however similar the
+  rest of the text;
+* **still valid**: a case whose ``expires_at`` is at or before ``context.now``
+  never applies.
+
+Old cases (the Redis list and the database rows carry only the summary text)
+still load: their labels are parsed from the summary,
+``"AlertName k1=v1 k2=v2"`` as ``kubetriage.api.summary.job_summary`` writes
+it, or the older ``"AlertName {k1=v1,k2=v2}"``; a label that parses twice with
+two values matches nothing. Their test case is read from
+``"script: test case: error"``, which is ambiguous when a run had none, so a
+job without a test case only takes a case whose first segment is its own
+error's first segment.
+
+Text comparison:
+
+* message text (error messages, the summary annotation) is normalised:
+  numbers, ids, uuids, hex, timestamps, IPs and paths become placeholders, so a
+  retried run with a new request id, pod hash or timestamp is still "the same"
+  failure; URLs keep their host (``<url:staging.shop.example>``), so a staging
+  and a production target of the same test are different texts;
+* label values lose only their ids (uuids, hashes, pod suffixes, timestamps,
+  numbers of six digits or more: CronJob suffixes); short numbers, IPs, URLs
+  and paths stay, since ``code=503`` and ``code=500`` are different problems.
+  Each label is one token. As the labels of an applicable alert case agree,
+  its text differs only in what the stored summary could not parse;
 * similarity is TF-IDF cosine over word n-grams and character n-grams,
   computed in pure Python: no model download, no network, deterministic, and
   fast enough for the 5000 cases ``human_verdicts()`` returns (the index is
   built once, in ``__init__``);
-* a case only matches a job of the same kind whose subject (alert name, script
-  name) is the same: two alerts with identical labels but different names are
-  different problems, and the labels alone would otherwise look very similar;
 * human verdicts weigh far above AI ones: AI-labelled cases are ignored unless
   ``ai_weight`` is set, and even then only consulted when no human case
   matches, with their confidence scaled down. Otherwise the analyzer would
@@ -26,6 +75,7 @@ does (REFERENCES.md, "Learning from human verdicts"):
   identical confirmations count as one strong case and a human who changed
   their mind shows up as a disagreement instead of a coin toss.
 
+The reason names the matched case, the subject and the labels that matched.
 The reason copied from the matched case is text a person typed; it goes only
 into the verdict reason (sanitised and capped), never into a prompt.
 """
@@ -42,13 +92,22 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kubetriage.api.contract import AnalysisContext, AnalysisRequest
+from kubetriage.api.contract import DEFAULT_IDENTITY_LABELS, AnalysisContext, AnalysisRequest
 from kubetriage.api.fingerprint import normalise_text
-from kubetriage.api.models import CheckType, Classification, SourceType, Verdict, verdict_from_classification
+from kubetriage.api.models import (
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_NAME,
+    CheckType,
+    Classification,
+    SourceType,
+    Verdict,
+    verdict_from_classification,
+)
 
 DEFAULT_MIN_SIMILARITY = 0.8
 DEFAULT_MERGE_SIMILARITY = 0.98
@@ -56,6 +115,12 @@ DEFAULT_MERGE_SIMILARITY = 0.98
 # the request side is cut the same way so both compare the same span of text.
 TEXT_LIMIT = 4096
 MAX_CASE_TEXT = 65536
+MAX_SCOPE = 32
+# Compared on every alert case, whatever the identity labels or a human scope say.
+ALWAYS_COMPARED: tuple[str, ...] = ("severity",)
+# Labels that change between firings of the same alert on the same target (as ``fingerprint`` ignores them),
+# and ``alertname``, which repeats the name (compared exactly) and some sources leave out.
+VOLATILE_LABELS = frozenset({"flaps_last_hour", "flap_count", "value", "timestamp", "pod_template_hash", "alertname"})
 # Confidence at the similarity threshold and at an identical match. The floor
 # equals the chain's default confidence threshold: a case the operator said is
 # similar enough decides, barely; an identical one decides firmly.
@@ -71,117 +136,134 @@ CHAR_NGRAM = 3
 # Exact cosine is computed for at most this many candidates per query; more
 # are first ranked by their shared-word score from the inverted index.
 EXACT_CANDIDATES = 200
+# Identity indexes kept (one per identity-label set queried: pools rarely differ).
+IDENTITY_INDEXES = 8
 QUOTED_REASON_MAX = 1000
 SOURCE_MAX = 200
+SUBJECT_MAX = 160
+LABEL_VALUE_SHOWN = 80
+LABEL_TOKEN_MAX = 256
+# The one token of a job with no text besides its subject (an alert without labels, a run without error).
+EMPTY_TOKEN = "<empty>"
 
 # --------------------------------------------------------------------------- normalisation
 
-# Applied in order, before ``fingerprint.normalise_text`` (uuids, long hex,
-# numbers). Alert and log text is untrusted: every repeat is bounded, no two
-# nested repeats can match the same characters, and the text is capped first,
-# so the worst input costs tens of milliseconds, not seconds.
-_PLACEHOLDERS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\b[a-z][a-z0-9+.-]{1,15}://[^\s\"'<>()\[\]{}]{1,2048}"), " <url> "),
-    (re.compile(r"\b[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}\b"), " <email> "),
-    (
-        re.compile(
-            r"\b\d{4}-\d{2}-\d{2}(?:[t ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d{1,9})?)?(?:z|[+-]\d{2}:?\d{2})?)?\b"
-            r"|\b\d{1,2}:\d{2}:\d{2}(?:[.,]\d{1,9})?\b"
-        ),
-        " <ts> ",
-    ),
-    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"), " <uuid> "),
-    (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?\b"), " <ip> "),
-    (re.compile(r"\[?\b[0-9a-f]{1,4}(?::[0-9a-f]{0,4}){2,7}\b\]?"), " <ip> "),
-    # Two or more segments, so "and/or" or a bare "/" stays text.
-    (re.compile(r"(?<![\w<])(?:[a-z]:)?(?:[/\\][\w.@+~-]{1,255}){2,64}[/\\]?"), " <path> "),
-    # Kubernetes pod names: deployment-<replicaset hash>-<pod suffix>; keep the workload name.
-    # A digit in the hash is required so kebab-case test names ("shows-correct-total") survive.
-    (re.compile(r"\b([a-z][a-z0-9-]{0,200}?)-(?=[a-z]{0,9}\d)[a-z0-9]{6,10}-[a-z0-9]{5}\b"), r"\1-<id>"),
-    (re.compile(r"\b0x[0-9a-f]{1,64}\b"), " <hex> "),
-    # Commit SHAs and object ids: 7+ hex characters with both a letter and a digit.
-    (re.compile(r"\b(?=[0-9a-f]{0,63}[a-f])(?=[0-9a-f]{0,63}\d)[0-9a-f]{7,64}\b"), " <hex> "),
-    # Generated ids: 8+ letters and digits, at least three of them digits ("8f3k2j9x22", not "e2e_test").
-    (re.compile(r"(?<![a-z0-9])(?=[a-z0-9]{0,63}[a-z])(?=(?:[a-z]{0,63}\d){3})[a-z0-9]{8,64}(?![a-z0-9])"), " <id> "),
+# Alert and log text is untrusted: every repeat is bounded, no two nested
+# repeats can match the same characters, and the text is capped first, so the
+# worst input costs tens of milliseconds, not seconds.
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]{1,15}://[^\s\"'<>()\[\]{}]{1,2048}")
+_URL_HOST = re.compile(r"[a-z][a-z0-9+.-]{1,15}://(?:[^@/?#]{0,256}@)?([^:/?#]{0,253})")
+_NOT_HOST = re.compile(r"[^\w.-]")
+# Where a URL was while the other placeholders run: no letter, digit or space, so no pattern touches it.
+_HOLE = "\ue000"
+_EMAIL = re.compile(r"\b[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}\b")
+_TS = re.compile(
+    r"\b\d{4}-\d{2}-\d{2}(?:[t ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d{1,9})?)?(?:z|[+-]\d{2}:?\d{2})?)?\b"
+    r"|\b\d{1,2}:\d{2}:\d{2}(?:[.,]\d{1,9})?\b"
+)
+_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?\b")
+_IPV6 = re.compile(r"\[?\b[0-9a-f]{1,4}(?::[0-9a-f]{0,4}){2,7}\b\]?")
+# Two or more segments, so "and/or" or a bare "/" stays text.
+_PATH = re.compile(r"(?<![\w<])(?:[a-z]:)?(?:[/\\][\w.@+~-]{1,255}){2,64}[/\\]?")
+# Kubernetes pod names: deployment-<replicaset hash>-<pod suffix>; keep the workload name.
+# A digit in the hash is required so kebab-case test names ("shows-correct-total") survive.
+_POD = re.compile(r"\b([a-z][a-z0-9-]{0,200}?)-(?=[a-z]{0,9}\d)[a-z0-9]{6,10}-[a-z0-9]{5}\b")
+_HEX0X = re.compile(r"\b0x[0-9a-f]{1,64}\b")
+# Commit SHAs and object ids: 7+ hex characters with both a letter and a digit.
+_HEXID = re.compile(r"\b(?=[0-9a-f]{0,63}[a-f])(?=[0-9a-f]{0,63}\d)[0-9a-f]{7,64}\b")
+# Generated ids: 8+ letters and digits, at least three of them digits ("8f3k2j9x22", not "e2e_test").
+_GENID = re.compile(r"(?<![a-z0-9])(?=[a-z0-9]{0,63}[a-z])(?=(?:[a-z]{0,63}\d){3})[a-z0-9]{8,64}(?![a-z0-9])")
+_LONG_NUMBER = re.compile(r"\d{6,}")
+
+# Message text, in order, before ``fingerprint.normalise_text`` (uuids, long hex, numbers).
+_MESSAGE_PLACEHOLDERS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (_EMAIL, " <email> "),
+    (_TS, " <ts> "),
+    (_UUID, " <uuid> "),
+    (_IPV4, " <ip> "),
+    (_IPV6, " <ip> "),
+    (_PATH, " <path> "),
+    (_POD, r"\1-<id>"),
+    (_HEX0X, " <hex> "),
+    (_HEXID, " <hex> "),
+    (_GENID, " <id> "),
+)
+# Label values (not identity, not names): only what is an id; short numbers, IPs and paths name things.
+_LABEL_PLACEHOLDERS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (_TS, "<ts>"),
+    (_UUID, "<uuid>"),
+    (_POD, r"\1-<id>"),
+    (_HEXID, "<hex>"),
+    (_GENID, "<id>"),
+    (_LONG_NUMBER, "<n>"),
 )
 # Any script's letters, so non-English error messages still produce words.
-_TOKEN = re.compile(r"<[a-z]{1,8}>|[^\W\d_]\w{0,63}")
-_SUBJECT = re.compile(r"[^\s:{]{1,256}")
-_LONG_NUMBER = re.compile(r"\d{6,}")
+_TOKEN = re.compile(r"<url:[\w.-]{1,253}>|<[a-z]{1,8}>|[^\W\d_]\w{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ALERT_NAME = re.compile(r"[^\s{]{1,1024}")
+# A label in a stored summary: Prometheus names, plus the dots, slashes and dashes of Kubernetes label keys.
+_LABEL_START = re.compile(r"[A-Za-z_][\w./-]{0,252}=")
+_BRACED_SPLIT = re.compile(r",\s*(?=[A-Za-z_][\w./-]{0,252}=)")
+
+
+def _url_placeholder(url: str) -> str:
+    found = _URL_HOST.match(url)
+    host = _NOT_HOST.sub("", found.group(1) if found else "").strip(".")[:253]
+    return f"<url:{host}>" if host else "<url>"
+
+
+def _without_urls(text: str) -> tuple[str, list[str]]:
+    """The text with each URL replaced by a hole, and the ``<url:host>`` placeholders to put back."""
+    hosts: list[str] = []
+
+    def hole(found: re.Match[str]) -> str:
+        hosts.append(_url_placeholder(found.group(0)))
+        return f" {_HOLE} "
+
+    return _URL.sub(hole, text.replace(_HOLE, " ")), hosts
+
+
+def _refill(text: str, hosts: list[str]) -> str:
+    if not hosts:
+        return text
+    left = iter(hosts)
+    return re.sub(_HOLE, lambda _m: next(left, "<url>"), text)
 
 
 def normalise(text: str, limit: int = TEXT_LIMIT) -> str:
-    """Lower-cased text with run-specific parts replaced by ``<url>``, ``<ts>``, ``<id>``, ``<n>`` ... placeholders.
+    """Message text, lower-cased, with run-specific parts replaced by ``<ts>``, ``<id>``, ``<n>`` ... placeholders.
 
+    URLs become ``<url:host>``: the path and query are run-specific, the host is the target.
     Builds on ``fingerprint.normalise_text`` (its dedup keys must not change,
     so the extra patterns live here and run first).
     """
-    out = unicodedata.normalize("NFKC", text[:limit]).lower()
-    for pattern, placeholder in _PLACEHOLDERS:
+    out, hosts = _without_urls(unicodedata.normalize("NFKC", text[:limit]).lower())
+    for pattern, placeholder in _MESSAGE_PLACEHOLDERS:
         out = pattern.sub(placeholder, out)
-    return normalise_text(out, limit=len(out) + 1)
+    return _refill(normalise_text(out, limit=len(out) + 1), hosts)
+
+
+def normalise_label_value(value: str) -> str:
+    """A label value with its ids replaced (URLs, paths, IPs and short numbers stay), as one space-free token part."""
+    return _label_value(value[:MAX_LABEL_VALUE])
+
+
+@functools.lru_cache(maxsize=16384)  # label values repeat across cases ("warning", namespaces, jobs)
+def _label_value(value: str) -> str:
+    out = unicodedata.normalize("NFKC", value).lower()
+    for pattern, placeholder in _LABEL_PLACEHOLDERS:
+        out = pattern.sub(placeholder, out)
+    return "_".join(out.split())
 
 
 def tokens(normalised: str) -> list[str]:
     return _TOKEN.findall(normalised)
 
 
-def subject_key(name: str) -> str:
-    """The identity a case must share with a job: the alert or script name, normalised.
-
-    Only the leading run up to a space, colon or brace is used, because the
-    stored summaries come in several shapes ("name {labels}", "name k=v",
-    "script test: error", "script: test: error") and that prefix is the name
-    in all of them.
-    """
-    found = _SUBJECT.match(name.strip())
-    if not found:
-        return ""
-    # Ids and long numbers go (CronJob suffixes, dates), short numbers stay: "smoke-1" and "smoke-2" differ.
-    out = unicodedata.normalize("NFKC", found.group(0)).lower()
-    for pattern, placeholder in _PLACEHOLDERS:
-        out = pattern.sub(placeholder, out)
-    return _LONG_NUMBER.sub("<n>", "".join(out.split()))
-
-
-def alert_text(name: str, labels: Mapping[str, str] | None, summary: str | None = None) -> str:
-    """The alert as the audit table stores it (name plus sorted labels), optionally with its summary annotation."""
-    parts = [name, *(f"{k}={v}" for k, v in sorted((labels or {}).items()))]
-    if summary:
-        parts.append(summary)
-    return " ".join(parts)[:TEXT_LIMIT]
-
-
-def script_text(script_name: str, test_case: str | None, error_message: str | None) -> str:
-    """The failed run as the audit table stores it: script, test case, error message."""
-    return ": ".join(p for p in (script_name, test_case or "", error_message or "") if p)[:TEXT_LIMIT]
-
-
-def request_texts(request: AnalysisRequest) -> list[str]:
-    """The texts a request is matched by, most specific first.
-
-    Stored summaries omit the alert's summary annotation, but a case a human
-    typed in (or a future summary format) may include it; matching both
-    variants and keeping the better score makes either work.
-    """
-    if request.alert is not None:
-        alert = request.alert
-        summary = (alert.annotations or {}).get("summary")
-        plain = alert_text(alert.name, alert.labels)
-        return [alert_text(alert.name, alert.labels, summary), plain] if summary else [plain]
-    if request.script_result is not None:
-        r = request.script_result
-        return [script_text(r.script_name, r.test_case, r.error_message)]
-    return []
-
-
-def request_subject(request: AnalysisRequest) -> tuple[SourceType, str] | None:
-    if request.alert is not None:
-        return SourceType.ALERT, subject_key(request.alert.name)
-    if request.script_result is not None:
-        return SourceType.SCRIPT_RESULT, subject_key(request.script_result.script_name)
-    return None
+def label_tokens(labels: Mapping[str, str]) -> list[str]:
+    """One token per label, ``key=value`` with the value's ids replaced, in key order."""
+    return [f"{key.lower()}={normalise_label_value(value)}"[:LABEL_TOKEN_MAX] for key, value in sorted(labels.items())]
 
 
 def _printable(text: str, limit: int) -> str:
@@ -189,6 +271,96 @@ def _printable(text: str, limit: int) -> str:
     cleaned = "".join(ch for ch in _CONTROL.sub(" ", text[: limit * 4]) if unicodedata.category(ch)[0] != "C")
     cleaned = " ".join(cleaned.split())
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- reading stored summaries
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedAlert:
+    """An alert summary taken apart: its name, its labels, keys that parsed twice with two values, other words."""
+
+    name: str
+    labels: dict[str, str]
+    ambiguous: frozenset[str]
+    free_text: str
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+
+
+def parse_alert_summary(text: str, name: str | None = None) -> ParsedAlert:
+    """Name and labels from ``"Name k1=v1 k2=v2"`` (``job_summary``) or the older ``"Name {k1=v1,k2=v2}"``.
+
+    ``name``: the known alert name; the text then need not start with it.
+    Values are space-free in practice; a word that does not start a new
+    ``key=`` is taken as part of the previous value, and words before the first
+    label are free text.
+    """
+    stripped = text.strip()
+    if name is None:
+        found = _ALERT_NAME.match(stripped)
+        name = found.group(0) if found else ""
+        rest = stripped[len(name):].strip()
+    elif stripped == name or stripped.startswith((f"{name} ", f"{name}{{", f"{name}\t", f"{name}\n")):
+        rest = stripped[len(name):].strip()
+    else:
+        rest = stripped
+    parts: list[str] = []
+    free: list[str] = []
+    if rest.startswith("{"):
+        close = rest.rfind("}")
+        body, after = (rest[1:close], rest[close + 1 :]) if close > 0 else (rest[1:], "")
+        for part in _BRACED_SPLIT.split(body):
+            (parts if _LABEL_START.match(part) else free).append(part)
+        free.append(after)
+    else:
+        for word in rest.split():
+            if _LABEL_START.match(word):
+                parts.append(word)
+            elif parts:
+                parts[-1] = f"{parts[-1]} {word}"
+            else:
+                free.append(word)
+    labels: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for part in parts:
+        key, _, value = part.partition("=")
+        value = _unquote(value)
+        if key in labels and labels[key] != value:
+            ambiguous.add(key)
+        labels[key] = value
+    return ParsedAlert(name, labels, frozenset(ambiguous), " ".join(w for w in free if w.strip()))
+
+
+def split_script_summary(text: str, name: str | None = None) -> tuple[str, str]:
+    """``(script name, the rest)`` from ``"script: test case: error"`` (``job_summary``; test case and error optional).
+
+    ``name``: the known script name; the text then need not start with it.
+    """
+    if name is None:
+        script, _, rest = text.partition(": ")
+        return script, rest
+    if text == name:
+        return name, ""
+    if text.startswith(f"{name}: "):
+        return name, text[len(name) + 2 :]
+    return name, text
+
+
+def script_text(script_name: str, test_case: str | None, error_message: str | None) -> str:
+    """The failed run as the audit table stores it: script, test case, error message."""
+    return ": ".join(p for p in (script_name, test_case or "", error_message or "") if p)[:TEXT_LIMIT]
+
+
+def _first_segment(text: str) -> str:
+    return normalise(text.partition(": ")[0])
+
+
+def _hosts(toks: Iterable[str]) -> frozenset[str]:
+    return frozenset(t for t in toks if t.startswith("<url:"))
 
 
 # --------------------------------------------------------------------------- vectors
@@ -205,9 +377,8 @@ def _char_grams(tok: str) -> tuple[str, ...]:
     return tuple(padded[i : i + CHAR_NGRAM] for i in range(max(1, len(padded) - CHAR_NGRAM + 1)))
 
 
-def _features(normalised: str) -> tuple[Counter[str], Counter[str]]:
+def _features(toks: Sequence[str]) -> tuple[Counter[str], Counter[str]]:
     """Word unigrams + bigrams, and within-word character trigrams."""
-    toks = tokens(normalised)
     unigrams: Counter[str] = Counter(toks)
     words = Counter(unigrams)
     words.update(f"{a} {b}" for a, b in itertools.pairwise(toks))
@@ -233,15 +404,20 @@ def _dot(a: Vector, b: Vector) -> float:
 
 # --------------------------------------------------------------------------- cases
 
+LabelKey = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+
 
 class MemoryCase(BaseModel):
     """One past verdict the analyzer can reuse.
 
     ``text`` is the job's summary as the audit table stores it (for an alert
     its name and labels, for a script run ``script: test case: error``);
-    ``source`` names the case in reasons (job name, row id). ``subject``
-    defaults to the leading name in ``text`` when ``kind`` is set; a case
-    without ``kind`` matches jobs of any kind and subject.
+    ``source`` names the case in reasons (job name, row id). ``kind`` is
+    required for a case to be used. ``subject`` is the exact alert or script
+    name; it defaults to the leading name in ``text``.
+    ``labels``: the alert's labels; without them they are parsed from ``text``.
+    ``scope``: the label keys that must match, set by a human; without it the
+    pool's identity labels. ``expires_at``: after this the case no longer applies.
     ``recorded_at`` breaks ties between disagreeing near-identical cases (the
     newest wins); without it the earlier case in the list counts as newer,
     which is the order ``Sink.human_verdicts()`` returns.
@@ -257,26 +433,83 @@ class MemoryCase(BaseModel):
     kind: SourceType | None = None
     subject: str | None = Field(None, max_length=1024)
     recorded_at: dt.datetime | None = None
+    labels: dict[LabelKey, Annotated[str, Field(max_length=MAX_LABEL_VALUE)]] | None = Field(
+        None, max_length=MAX_LABELS
+    )
+    scope: list[LabelKey] | None = Field(None, max_length=MAX_SCOPE)
+    expires_at: dt.datetime | None = None
 
 
-_GroupKey = tuple[SourceType | None, str | None]
+class _Ambiguous:
+    """A label value that parsed twice with two values: equal to nothing."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<ambiguous>"
+
+
+_AMBIGUOUS = _Ambiguous()
+
+
+def _timestamp(when: dt.datetime) -> float:
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """One case as it is matched: parsed once, checked per query against the job's identity."""
+
+    index: int
+    case: MemoryCase
+    labels: Mapping[str, object]  # alerts: the labels identity is checked against
+    others: Mapping[str, object]  # alerts: every label with its ids replaced
+    rest: str  # scripts: what follows the script name ("test case: error")
+    head: str  # scripts: the normalised first segment of ``rest``
+    hosts: frozenset[str]  # scripts: the ``<url:host>`` placeholders of the text
+    expires: float  # a timestamp; inf when the case does not expire
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """The request as it is matched."""
+
+    kind: SourceType
+    subject: str
+    labels: Mapping[str, str]  # alerts: the labels, plus the severity field when no label has it
+    others: Mapping[str, str]  # alerts: the labels with their ids replaced
+    test_case: str | None
+    head: str
+    hosts: frozenset[str]
+    variants: list[list[str]]
+
+
+_GroupKey = tuple[SourceType, str]
+_Matched = tuple[tuple[str, str], ...]
+_Item = tuple[int, "_View"]
+
+
+def _compared(identity: Iterable[str]) -> tuple[str, ...]:
+    """The label keys compared exactly: the identity labels (or a human scope) and ``severity``."""
+    return tuple(dict.fromkeys((*identity, *ALWAYS_COMPARED)))
 
 
 @dataclass(slots=True)
 class _Entry:
-    """Cases whose normalised text, kind and subject are identical: indexed once, voting together."""
+    """Cases whose subject and normalised text are identical: indexed once, voting together when they apply."""
 
-    kind: SourceType | None
-    subject: str | None
+    kind: SourceType
+    subject: str
     human: bool
-    cases: list[tuple[int, MemoryCase]] = field(default_factory=list)
+    scoped: bool  # alerts with a human scope: the scoped labels decide, not the text
+    views: list[_View] = field(default_factory=list)
     words: Vector = field(default_factory=dict)
     chars: Vector = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryMatch:
-    """The outcome of a search: the voting cases, the best one, and how they split."""
+    """The outcome of a search: the voting cases, the best one, how they split, and why it applies."""
 
     similarity: float
     best: MemoryCase
@@ -284,6 +517,10 @@ class MemoryMatch:
     votes: dict[Classification, int]
     cases: int
     human: bool
+    kind: SourceType
+    subject: str
+    test_case: str | None = None
+    matched: _Matched = ()
 
     @property
     def agreement(self) -> float:
@@ -291,18 +528,95 @@ class MemoryMatch:
         return self.votes.get(self.classification, 0) / total if total else 0.0
 
 
-def _recency(item: tuple[int, MemoryCase]) -> tuple[float, int]:
-    index, case = item
-    when = case.recorded_at
-    stamp = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp() if when else -math.inf
-    return stamp, -index
+def _recency(view: _View) -> tuple[float, int]:
+    when = view.case.recorded_at
+    return (_timestamp(when) if when else -math.inf), -view.index
+
+
+def _view(index: int, case: MemoryCase) -> tuple[_View, str, list[str]] | None:
+    """The case's view, exact subject and tokens; None when it names no subject."""
+    expires = _timestamp(case.expires_at) if case.expires_at is not None else math.inf
+    if case.kind == SourceType.ALERT:
+        parsed = parse_alert_summary(case.text, case.subject)
+        clear = dict(case.labels) if case.labels is not None else {
+            k: v for k, v in parsed.labels.items() if k not in parsed.ambiguous
+        }
+        ambiguous = {} if case.labels is not None else dict.fromkeys(parsed.ambiguous, _AMBIGUOUS)
+        labels: dict[str, object] = {**clear, **ambiguous}
+        others: dict[str, object] = {**{k: normalise_label_value(v) for k, v in clear.items()}, **ambiguous}
+        toks = label_tokens(clear)
+        if parsed.free_text:
+            toks += tokens(normalise(parsed.free_text))
+        return _View(index, case, labels, others, "", "", frozenset(), expires), parsed.name, toks or [EMPTY_TOKEN]
+    if case.kind == SourceType.SCRIPT_RESULT:
+        script, rest = split_script_summary(case.text, case.subject)
+        toks = tokens(normalise(rest))
+        view = _View(index, case, {}, {}, rest, _first_segment(rest), _hosts(toks), expires)
+        return view, script, toks or [EMPTY_TOKEN]
+    return None
+
+
+def _job(request: AnalysisRequest) -> _Job | None:
+    if request.alert is not None:
+        alert = request.alert
+        labels = dict(alert.labels or {})
+        identity = dict(labels)
+        # Fields outside the labels (the stored summary has only labels) count when no label says the same:
+        # a critical alert is critical, and a host given only as a field is still a host.
+        if alert.severity and "severity" not in identity:
+            identity["severity"] = alert.severity
+        if alert.host and not {"host", "instance"} & identity.keys():
+            identity["host"] = alert.host
+        others = {k: normalise_label_value(v) for k, v in labels.items()}
+        base = label_tokens(labels)
+        summary = (alert.annotations or {}).get("summary")
+        variants = [base + tokens(normalise(summary)), base] if summary else [base]
+        return _Job(SourceType.ALERT, alert.name, identity, others, None, "", frozenset(),
+                    [v or [EMPTY_TOKEN] for v in variants])
+    if request.script_result is not None:
+        r = request.script_result
+        test_case = r.test_case or None
+        _, rest = split_script_summary(script_text(r.script_name, test_case, r.error_message), r.script_name)
+        # Cut like the stored summary, so a long first segment compares the same span on both sides.
+        head = "" if test_case else _first_segment(rest)
+        toks = tokens(normalise(rest))
+        return _Job(SourceType.SCRIPT_RESULT, r.script_name, {}, {}, test_case, head, _hosts(toks),
+                    [toks or [EMPTY_TOKEN]])
+    return None
+
+
+def _matched_labels(case: Mapping[str, object], job: Mapping[str, str], keys: Iterable[str]) -> _Matched | None:
+    """The keys both sides carry with equal values; None when one side lacks a key or the values differ."""
+    matched: list[tuple[str, str]] = []
+    for key in keys:
+        mine, theirs = case.get(key), job.get(key)
+        if mine is None and theirs is None:
+            continue
+        if theirs is None or mine != theirs:
+            return None
+        matched.append((key, theirs))
+    return tuple(matched)
+
+
+def _others_agree(case: Mapping[str, object], job: Mapping[str, str], skip: Iterable[str]) -> bool:
+    """Every other label either side has, the other has too, equal once ids are replaced (volatile ones aside)."""
+    ignored = VOLATILE_LABELS.union(skip)
+    return all(case.get(k) == job.get(k) for k in case.keys() | job.keys() if k not in ignored)
+
+
+def _same_test_case(view: _View, job: _Job) -> bool:
+    """The same test case when either side has one (the stored text does not say whether a run had one)."""
+    if job.test_case:
+        return view.rest == job.test_case or view.rest.startswith(f"{job.test_case}: ")
+    # "script: X: error": X is a test case unless it is where the job's own error starts.
+    return view.head == job.head
 
 
 # --------------------------------------------------------------------------- the analyzer
 
 
 class MemoryAnalyzer:
-    """Copies the verdict of the most similar past human verdict, or has no opinion.
+    """Copies the verdict of the most similar past human verdict on the same target, or has no opinion.
 
     ``min_similarity``: below this no verdict (default 0.8).
     ``merge_similarity``: cases at least this similar to the job are treated as
@@ -310,7 +624,6 @@ class MemoryAnalyzer:
     ``ai_weight``: 0 (default) ignores ``check_type='ai'`` cases altogether;
     above 0 they are consulted only when no human case matches, and the
     verdict's confidence is multiplied by it.
-    ``same_subject``: require the alert / script name to match (default on).
     """
 
     name = "memory"
@@ -322,7 +635,6 @@ class MemoryAnalyzer:
         min_similarity: float = DEFAULT_MIN_SIMILARITY,
         merge_similarity: float = DEFAULT_MERGE_SIMILARITY,
         ai_weight: float = 0.0,
-        same_subject: bool = True,
     ) -> None:
         if not 0 < min_similarity <= 1:
             raise ValueError("min_similarity must be in (0, 1]")
@@ -333,7 +645,6 @@ class MemoryAnalyzer:
         self.min_similarity = min_similarity
         self.merge_similarity = merge_similarity
         self.ai_weight = ai_weight
-        self.same_subject = same_subject
         self.skipped = 0
         self._entries: list[_Entry] = []
         self._build(cases)
@@ -365,27 +676,26 @@ class MemoryAnalyzer:
     # ----------------------------------------------------------------------- index
 
     def _build(self, cases: Iterable[MemoryCase]) -> None:
-        by_key: dict[tuple[SourceType | None, str | None, bool, str], _Entry] = {}
+        by_key: dict[tuple[SourceType, str, bool, bool, tuple[str, ...]], _Entry] = {}
         counts: dict[int, tuple[Counter[str], Counter[str]]] = {}
         for index, case in enumerate(cases):
             human = case.check_type == CheckType.USER
             if case.classification == Classification.INCONCLUSIVE or (not human and self.ai_weight <= 0):
                 self.skipped += 1
                 continue
-            text = normalise(case.text)
-            if not tokens(text):
-                self.skipped += 1
+            viewed = _view(index, case) if case.kind is not None else None
+            if viewed is None or not viewed[1]:
+                self.skipped += 1  # no kind or no subject: it cannot be tied to a job
                 continue
-            subject = None
-            if case.kind is not None:
-                subject = subject_key(case.subject if case.subject is not None else case.text)
-            key = (case.kind, subject, human, text)
+            view, subject, toks = viewed
+            scoped = case.kind == SourceType.ALERT and case.scope is not None
+            key = (SourceType(case.kind), subject, human, scoped, tuple(toks))
             entry = by_key.get(key)
             if entry is None:
-                entry = by_key[key] = _Entry(kind=case.kind, subject=subject, human=human)
-                counts[len(self._entries)] = _features(text)
+                entry = by_key[key] = _Entry(kind=key[0], subject=subject, human=human, scoped=scoped)
+                counts[len(self._entries)] = _features(toks)
                 self._entries.append(entry)
-            entry.cases.append((index, case))
+            entry.views.append(view)
 
         n = len(self._entries)
         word_df: Counter[str] = Counter()
@@ -398,51 +708,118 @@ class MemoryAnalyzer:
         self._word_idf = {f: math.log((n + 1) / (df + 1)) + 1.0 for f, df in word_df.items()}
         self._char_idf = {f: math.log((n + 1) / (df + 1)) + 1.0 for f, df in char_df.items()}
 
-        # Postings per group, so a query only ever walks the cases it may match.
+        # Groups by (kind, exact subject), with postings, so a query only ever walks the cases it may match.
         self._groups: dict[_GroupKey, list[int]] = defaultdict(list)
         self._postings: dict[_GroupKey, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
         for i, entry in enumerate(self._entries):
             words, chars = counts.pop(i)
             entry.words = _weigh(words, self._word_idf, self._unseen)
             entry.chars = _weigh(chars, self._char_idf, self._unseen)
-            group = (entry.kind, entry.subject if self.same_subject else None)
+            group = (entry.kind, entry.subject)
             self._groups[group].append(i)
             postings = self._postings[group]
             for feature, weight in entry.words.items():
                 if " " not in feature:  # unigrams are enough to find candidates
                     postings[feature].append((i, weight))
 
+        # Within a group, cases are bucketed so that a query walks only those that can apply: alert cases by
+        # their identity values (one index per identity-label set, the default one built here), script cases
+        # by how their text after the script name starts.
+        views: dict[_GroupKey, list[_Item]] = defaultdict(list)
+        scoped: dict[_GroupKey, list[_Item]] = defaultdict(list)
+        unscoped: dict[_GroupKey, list[_Item]] = defaultdict(list)
+        by_first: dict[_GroupKey, dict[str, list[_Item]]] = defaultdict(lambda: defaultdict(list))
+        by_head: dict[_GroupKey, dict[str, list[_Item]]] = defaultdict(lambda: defaultdict(list))
+        for group, ids in self._groups.items():
+            for i in ids:
+                for view in self._entries[i].views:
+                    views[group].append((i, view))
+                    if group[0] == SourceType.ALERT:
+                        (scoped if view.case.scope is not None else unscoped)[group].append((i, view))
+                    else:
+                        by_first[group][view.rest.partition(": ")[0]].append((i, view))
+                        by_head[group][view.head].append((i, view))
+        self._views = dict(views)
+        self._scoped = dict(scoped)
+        self._unscoped = dict(unscoped)
+        self._by_first = {group: dict(buckets) for group, buckets in by_first.items()}
+        self._by_head = {group: dict(buckets) for group, buckets in by_head.items()}
+        self._by_identity: dict[tuple[str, ...], dict[_GroupKey, dict[tuple[object, ...], list[_Item]]]] = {}
+        self._identity_index(_compared(DEFAULT_IDENTITY_LABELS))
+
+    def _identity_index(self, keys: tuple[str, ...]) -> dict[_GroupKey, dict[tuple[object, ...], list[_Item]]]:
+        """Unscoped alert cases per group, bucketed by their values of ``keys`` (None where a case lacks one)."""
+        index = self._by_identity.get(keys)
+        if index is None:
+            if len(self._by_identity) >= IDENTITY_INDEXES:
+                self._by_identity.clear()
+            index = {}
+            for group, items in self._unscoped.items():
+                buckets: dict[tuple[object, ...], list[_Item]] = defaultdict(list)
+                for i, view in items:
+                    buckets[tuple(view.labels.get(k) for k in keys)].append((i, view))
+                index[group] = dict(buckets)
+            self._by_identity[keys] = index
+        return index
+
     # ----------------------------------------------------------------------- search
 
-    def _candidates(self, kind: SourceType, subject: str, words: Vector) -> list[int]:
-        """The entries worth an exact cosine: all of a small group, else the best by shared words."""
-        # Cases without a kind are not tied to a subject and stay eligible.
-        groups = [(kind, subject if self.same_subject else None), (None, None)]
-        found: list[int] = []
-        for group in groups:
-            pool = self._groups.get(group, [])
-            if len(pool) <= EXACT_CANDIDATES:
-                found.extend(pool)
+    def _applicable(self, job: _Job, context: AnalysisContext) -> dict[int, list[tuple[_View, _Matched]]]:
+        """Per entry of the job's group, the cases that apply to it: unexpired, same test case or same target."""
+        now = _timestamp(context.now)
+        group = (job.kind, job.subject)
+        found: dict[int, list[tuple[_View, _Matched]]] = {}
+        if job.kind == SourceType.SCRIPT_RESULT:
+            if job.test_case and ": " not in job.test_case:
+                pool = self._by_first.get(group, {}).get(job.test_case, [])
+            elif job.test_case:
+                pool = self._views.get(group, [])
+            else:
+                pool = self._by_head.get(group, {}).get(job.head, [])
+            for i, view in pool:
+                # The hosts its URLs name are the run's target: staging is not production.
+                if view.expires > now and view.hosts == job.hosts and _same_test_case(view, job):
+                    found.setdefault(i, []).append((view, ()))
+            return found
+        keys = _compared(context.identity_labels)
+        values = tuple(job.labels.get(k) for k in keys)
+        matched = tuple((k, v) for k, v in zip(keys, values, strict=True) if v is not None)
+        for i, view in self._identity_index(keys).get(group, {}).get(values, []):
+            if view.expires > now and _others_agree(view.others, job.others, keys):
+                found.setdefault(i, []).append((view, matched))
+        for i, view in self._scoped.get(group, []):
+            if view.expires <= now or view.case.scope is None:
                 continue
-            postings = self._postings[group]
-            partial: dict[int, float] = defaultdict(float)
-            for feature, weight in words.items():
-                for i, w in postings.get(feature, ()):
-                    partial[i] += weight * w
-            found.extend(heapq.nlargest(EXACT_CANDIDATES, partial, key=partial.__getitem__))
+            # A human said which labels must match; the rest may differ.
+            scoped = _matched_labels(view.labels, job.labels, _compared(view.case.scope))
+            if scoped is not None:
+                found.setdefault(i, []).append((view, scoped))
         return found
 
-    def _score(self, texts: Sequence[str], kind: SourceType, subject: str) -> dict[int, float]:
-        """Best similarity per candidate entry over the request's text variants."""
-        best: dict[int, float] = {}
-        for text in texts:
-            normalised = normalise(text)
-            if not tokens(normalised):
-                continue
-            words_c, chars_c = _features(normalised)
+    def _candidates(self, group: _GroupKey, applicable: Mapping[int, object], words: Vector) -> Iterable[int]:
+        """The entries worth an exact cosine: all that apply when few, else the best of them by shared words."""
+        if len(applicable) <= EXACT_CANDIDATES:
+            return applicable.keys()
+        postings = self._postings[group]
+        partial: dict[int, float] = defaultdict(float)
+        for feature, weight in words.items():
+            for i, w in postings.get(feature, ()):
+                if i in applicable:
+                    partial[i] += weight * w
+        return heapq.nlargest(EXACT_CANDIDATES, partial, key=partial.__getitem__)
+
+    def _score(self, job: _Job, applicable: Mapping[int, object]) -> dict[int, float]:
+        """Best similarity per applicable entry over the job's text variants."""
+        # A human scope is a rule: where its labels match, the case applies, whatever else the alert says.
+        best: dict[int, float] = {i: 1.0 for i in applicable if self._entries[i].scoped}
+        textual = {i: None for i in applicable if i not in best}
+        for toks in job.variants:
+            if not textual:
+                break
+            words_c, chars_c = _features(toks)
             words = _weigh(words_c, self._word_idf, self._unseen)
             chars = _weigh(chars_c, self._char_idf, self._unseen)
-            for i in self._candidates(kind, subject, words):
+            for i in self._candidates((job.kind, job.subject), textual, words):
                 entry = self._entries[i]
                 sim = WORD_WEIGHT * _dot(words, entry.words) + (1 - WORD_WEIGHT) * _dot(chars, entry.chars)
                 sim = min(1.0, max(0.0, sim))
@@ -450,45 +827,56 @@ class MemoryAnalyzer:
                     best[i] = sim
         return best
 
-    def _decide(self, scored: Mapping[int, float], human: bool) -> MemoryMatch | None:
+    def _decide(self, job: _Job, scored: Mapping[int, float], applicable: Mapping[int, list[tuple[_View, _Matched]]],
+                human: bool) -> MemoryMatch | None:
         eligible = {i: s for i, s in scored.items() if self._entries[i].human is human and s >= self.min_similarity}
         if not eligible:
             return None
-        top = max(eligible, key=lambda i: (eligible[i], _recency(max(self._entries[i].cases, key=_recency))))
+
+        def newest(items: Iterable[tuple[_View, _Matched]]) -> tuple[_View, _Matched]:
+            return max(items, key=lambda item: _recency(item[0]))
+
+        top = max(eligible, key=lambda i: (eligible[i], _recency(newest(applicable[i])[0])))
         top_sim = eligible[top]
         if top_sim >= self.merge_similarity:
             group = [i for i, s in eligible.items() if s >= self.merge_similarity]
         else:
             group = [top]
-        voters = [item for i in group for item in self._entries[i].cases]
-        votes = Counter(case.classification for _, case in voters)
+        voters = [item for i in group for item in applicable[i]]
+        votes = Counter(view.case.classification for view, _ in voters)
         most = max(votes.values())
         tied = {c for c, v in votes.items() if v == most}
         # On a tie the newest human verdict stands: people correct themselves over time.
-        newest_tied = max((item for item in voters if item[1].classification in tied), key=_recency)
-        winner = newest_tied[1].classification
-        in_top = [item for item in self._entries[top].cases if item[1].classification == winner]
-        named = max(in_top or [item for item in voters if item[1].classification == winner], key=_recency)[1]
+        winner = newest(item for item in voters if item[0].case.classification in tied)[0].case.classification
+        in_top = [item for item in applicable[top] if item[0].case.classification == winner]
+        named, matched = newest(in_top or [item for item in voters if item[0].case.classification == winner])
         return MemoryMatch(
             similarity=top_sim,
-            best=named,
+            best=named.case,
             classification=Classification(winner),
             votes={Classification(c): v for c, v in votes.items()},
             cases=len(voters),
             human=human,
+            kind=job.kind,
+            subject=job.subject,
+            test_case=job.test_case,
+            matched=matched,
         )
 
-    def match(self, request: AnalysisRequest) -> MemoryMatch | None:
-        """The best match for the request: human cases first, AI cases only when allowed and no human one matches."""
+    def match(self, request: AnalysisRequest, context: AnalysisContext | None = None) -> MemoryMatch | None:
+        """The best applicable match: human cases first, AI cases only when allowed and no human one matches."""
         if not self._entries:
             return None
-        identity = request_subject(request)
-        if identity is None:
+        job = _job(request)
+        if job is None:
             return None
-        scored = self._score(request_texts(request), *identity)
-        found = self._decide(scored, human=True)
+        applicable = self._applicable(job, context if context is not None else AnalysisContext())
+        if not applicable:
+            return None
+        scored = self._score(job, applicable)
+        found = self._decide(job, scored, applicable, human=True)
         if found is None and self.ai_weight > 0:
-            found = self._decide(scored, human=False)
+            found = self._decide(job, scored, applicable, human=False)
         return found
 
     def confidence(self, similarity: float) -> float:
@@ -502,10 +890,24 @@ class MemoryAnalyzer:
         # A passing run has no failure to classify (the rules analyzer makes the same call).
         if request.script_result is not None and request.script_result.success and request.alert is None:
             return None
-        found = self.match(request)
+        found = self.match(request, context)
         if found is None:
             return None
         return self._verdict(found)
+
+    @staticmethod
+    def _target(found: MemoryMatch) -> str:
+        """What made the case apply: the subject, and the labels that matched (or the test case)."""
+        subject = _printable(found.subject, SUBJECT_MAX)
+        if found.kind == SourceType.SCRIPT_RESULT:
+            test_case = _printable(found.test_case, SUBJECT_MAX) if found.test_case else ""
+            return f"script {subject}, " + (f"test case {test_case}" if test_case else "no test case")
+        shown = ", ".join(f"{_printable(k, SUBJECT_MAX)}={_printable(v, LABEL_VALUE_SHOWN)}" for k, v in found.matched)
+        out = f"alert {subject}, " + (f"matched labels {shown}" if shown else "no identity labels on either side")
+        if found.best.scope is None:
+            return out + ", other labels equal up to ids"
+        keys = ", ".join(_printable(k, SUBJECT_MAX) for k in found.best.scope[:8]) or "none"
+        return out + f" (scope set by a human: {keys}{', ...' if len(found.best.scope) > 8 else ''})"
 
     def _verdict(self, found: MemoryMatch) -> Verdict:
         who = "human" if found.human else "AI"
@@ -514,7 +916,9 @@ class MemoryAnalyzer:
         confidence = self.confidence(found.similarity)
         if not found.human:
             confidence *= self.ai_weight
-        head = f"matches {who} verdict on {source} (similarity {found.similarity:.2f}"
+        head = f"matches {who} verdict on {source} (similarity {found.similarity:.2f}; {self._target(found)}"
+        if found.best.expires_at is not None:
+            head += f"; until {found.best.expires_at.isoformat(timespec='minutes')}"
         if found.cases > 1:
             split = ", ".join(f"{v} {c.value}" for c, v in sorted(found.votes.items(), key=lambda kv: -kv[1]))
             head += f"; {found.cases} near-identical {who} verdicts: {split}"
@@ -539,7 +943,12 @@ class MemoryAnalyzer:
 
 
 def case_from_row(row: Mapping[str, Any]) -> MemoryCase | None:
-    """A ``MemoryCase`` from one ``Sink.human_verdicts()`` row, or None when the row carries nothing usable."""
+    """A ``MemoryCase`` from one ``Sink.human_verdicts()`` row, or None when the row carries nothing usable.
+
+    Today's rows carry only the summary (labels are parsed from it); ``labels``,
+    ``scope`` and ``expires_at`` are taken when a row has them, and a row whose
+    values for them are invalid is skipped rather than read without them.
+    """
     summary = row.get("summary")
     try:
         classification = Classification(str(row.get("classification") or ""))
@@ -557,13 +966,18 @@ def case_from_row(row: Mapping[str, Any]) -> MemoryCase | None:
     if row.get("source_id"):
         source = f"{source} (row {row['source_id']})" if source else f"row {row['source_id']}"
     recorded = row.get("recorded_at")
-    return MemoryCase(
-        text=summary[:MAX_CASE_TEXT],
-        classification=classification,
-        reason=str(row.get("reason") or "")[:MAX_CASE_TEXT],
-        source=source[:1024],
-        # human_verdicts() only returns user rows; a missing column must not demote them to AI.
-        check_type=CheckType(row["check_type"]) if row.get("check_type") in ("ai", "user") else CheckType.USER,
-        kind=kind,
-        recorded_at=recorded if isinstance(recorded, dt.datetime) else None,
-    )
+    optional = {key: row[key] for key in ("labels", "scope", "expires_at") if row.get(key) is not None}
+    try:
+        return MemoryCase(
+            text=summary[:MAX_CASE_TEXT],
+            classification=classification,
+            reason=str(row.get("reason") or "")[:MAX_CASE_TEXT],
+            source=source[:1024],
+            # human_verdicts() only returns user rows; a missing column must not demote them to AI.
+            check_type=CheckType(row["check_type"]) if row.get("check_type") in ("ai", "user") else CheckType.USER,
+            kind=kind,
+            recorded_at=recorded if isinstance(recorded, dt.datetime) else None,
+            **optional,
+        )
+    except ValidationError:
+        return None

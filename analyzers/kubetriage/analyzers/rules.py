@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kubetriage.api.contract import AnalysisContext, AnalysisRequest
+from kubetriage.api.evidence import AlertHistory, AlertmanagerSummary, Evidence, PrometheusSummary, ScriptHistory, find
 from kubetriage.api.models import Alert, Classification, ScriptResult, Verdict, verdict_from_classification
 
 FP = Classification.FALSE_POSITIVE
@@ -39,15 +40,29 @@ FLAP_KEYS = ("flaps_last_hour", "flap_count", "flaps", "flapping_count")
 FLAP_MIN = 3
 SUSTAINED_COUNT = 5
 CRITICAL_SUSTAINED_COUNT = 3
-CRITICAL_SEVERITIES = frozenset({"critical", "page", "p1", "emergency"})
+CRITICAL_SEVERITIES = frozenset({"critical", "page", "p1", "emergency", "fatal", "sev1", "disaster"})
 SHORT_RESOLVED_SECONDS = 300
 HISTORY_WINDOW = 50
 FLAKY_MIN_RUNS = 5
 FLAKY_FLIP_RATE = 0.3
 TRUE_WORDS = frozenset({"true", "yes", "1", "on"})
 
-MAINTENANCE_CONFIDENCE = 0.95
+# A maintenance label or annotation on the alert itself is only a hint: it may be inherited from a node
+# or belong to another service. Team-controlled maintenance windows are TriageRules.
+MAINTENANCE_HINT = 0.3
 BLIP_CONFIDENCE = 0.6
+# Flapping of a critical alert may be a service going up and down: never enough on its own.
+CRITICAL_FLAP_CAP = 0.6
+CRITICAL_SUPPORT = 0.3
+# A condition true for days without anyone fixing it is more often expected or unobservable than an outage.
+PERMANENT_COUNT = 1000
+PERMANENT_CONFIDENCE = 0.5
+LOW_SEVERITIES = frozenset({"info", "informational", "none", "low", "debug"})
+LOW_SEVERITY_CONFIDENCE = 0.55
+EVIDENCE_RECOVERED_SECONDS = 300
+CO_FIRING_SERVICES = 3
+# A streak of failures at the end of the history: the test is broken now, whatever it did before.
+BROKEN_STREAK = 3
 ASSERTION_CONFIDENCE = 0.65
 SAME_COMMIT_CONFIDENCE = 0.85
 STABLE_HISTORY_SUPPORT = 0.4
@@ -58,6 +73,16 @@ MAX_COMBINED = 0.95
 # Below this margin between the two sides the evidence is a draw.
 DRAW_MARGIN = 0.1
 
+# The rules (by verdict title) precise enough to decide alone even when an LLM is configured; every
+# other finding goes to the LLM as evidence. Each with its precision on the tuning split (make eval,
+# memory+rules, 2026-12-02): the flakiness rules and the CI tooling failures, nothing about alerts.
+HIGH_PRECISION: frozenset[str | None] = frozenset({
+    "flaky test",  # 11 of 11
+    "infrastructure: test tooling unavailable",  # 5 of 5
+    "infrastructure: registry or package mirror limit",  # 2 of 2
+    "infrastructure: runner out of disk",  # 1 of 1
+})
+
 
 @dataclass(frozen=True, slots=True)
 class Finding:
@@ -67,7 +92,6 @@ class Finding:
     confidence: float
     reason: str
     title: str
-    decisive: bool = False
     standalone: bool = True
 
 
@@ -84,10 +108,16 @@ def _rx(pattern: str, flags: int = 0) -> re.Pattern[str]:
 
 # Literal alternations and bounded repeats only: no nested quantifiers, so
 # matching is linear in the (capped) text length whatever the input.
+# Two families, on purpose. The test's own tooling failing (runner disk/memory, registry limits, a
+# missing browser or Docker, a build daemon dying) says nothing about the product: strong. The system
+# under test being unreachable (refused, reset, 50x, DNS, timeouts) may be the product being down: weak,
+# never enough alone.
+TOOLING = 0.8
+REACHABILITY = 0.6
 INFRA_PATTERNS: tuple[InfraPattern, ...] = (
     InfraPattern(
         "runner out of disk",
-        0.8,
+        TOOLING,
         _rx(r"No space left on device|\bENOSPC\b|\bdisk quota exceeded\b", re.IGNORECASE),
     ),
     InfraPattern(
@@ -100,8 +130,29 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
         ),
     ),
     InfraPattern(
+        "registry or package mirror limit",
+        TOOLING,
+        _rx(
+            r"\btoomanyrequests\b|You have reached your (?:unauthenticated )?pull rate limit"
+            r"|\bpull rate limit\b|\bmanifest unknown\b|\bnet/http: TLS handshake timeout\b",
+            re.IGNORECASE,
+        ),
+    ),
+    InfraPattern(
+        "test tooling unavailable",
+        TOOLING,
+        _rx(
+            r"Could not find a valid Docker environment|Cannot connect to the Docker daemon"
+            r"|\bbrowserType\.launch\b|Executable doesn't exist at|Host system is missing dependencies"
+            r"|Gradle build daemon disappeared|\bThe forked VM terminated without\b"
+            r"|\bEADDRINUSE\b|\bAddress already in use\b|\bport is already allocated\b"
+            r"|\bworker '?gw\d{1,4}'? crashed\b|\bnode \w{0,10} ?crashed while running test\b",
+            re.IGNORECASE,
+        ),
+    ),
+    InfraPattern(
         "DNS resolution failure",
-        0.75,
+        REACHABILITY,
         _rx(
             r"\bENOTFOUND\b|\bEAI_AGAIN\b|\bgetaddrinfo\b|Name or service not known|\bNXDOMAIN\b"
             r"|Temporary failure in name resolution|Could not resolve host|net::ERR_NAME_NOT_RESOLVED",
@@ -110,7 +161,7 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
     ),
     InfraPattern(
         "gateway / service unavailable (HTTP 502/503/504)",
-        0.65,
+        REACHABILITY,
         _rx(
             r"\bBad Gateway\b|\bService Unavailable\b|\bGateway Time-?out\b"
             r"|\b(?:HTTP(?:/\d(?:\.\d)?)?|status(?: code)?:?)[ \t]{0,3}50[234]\b"
@@ -120,7 +171,7 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
     ),
     InfraPattern(
         "connection reset / refused",
-        0.65,
+        REACHABILITY,
         _rx(
             r"\bECONNRESET\b|\bECONNREFUSED\b|Connection reset by peer|\bConnection refused\b"
             r"|\bconnection reset\b|\bConnection(?:Reset|Refused)Error\b|net::ERR_CONNECTION_(?:REFUSED|RESET|CLOSED)"
@@ -130,11 +181,11 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
     ),
     InfraPattern(
         "timeout",
-        0.65,
+        REACHABILITY,
         _rx(
-            r"\bTimeoutError\b|\bETIMEDOUT\b|\b(?:Read|Connect|Pool|Write)Timeout\b"
+            r"\bTimeoutError\b|\bE(?:SOCKET)?TIMEDOUT\b|\b(?:Read|Connect|Pool|Write)Timeout\b"
             r"|\bTimeout (?:of )?\d{1,9}[ ]?ms exceeded|\bFailed: Timeout >\d"
-            r"|\bdeadline exceeded\b"
+            r"|\bdeadline exceeded\b|\bi/o timeout\b"
             # Playwright's "Timed out 5000ms waiting for expect(...)" is an assertion, not the network.
             r"|\btimed out\b(?![ ]\d{1,9}[ ]?ms waiting for expect)",
             re.IGNORECASE,
@@ -304,11 +355,12 @@ def _maintenance(alert: Alert, now: dt.datetime) -> Finding | None:
     if not evidence:
         return None
     return Finding(
-        FP, MAINTENANCE_CONFIDENCE, "maintenance: " + "; ".join(evidence), "maintenance window", decisive=True
+        FP, MAINTENANCE_HINT, "maintenance hint on the alert itself (not a team rule): " + "; ".join(evidence),
+        "maintenance hint", standalone=False,
     )
 
 
-def _flapping(alert: Alert) -> Finding | None:
+def _flapping(alert: Alert, severity: str | None) -> Finding | None:
     best: tuple[int, str, str] | None = None
     flag: str | None = None
     for kind, key, value in _merged(alert):
@@ -322,13 +374,17 @@ def _flapping(alert: Alert) -> Finding | None:
     if best is not None and best[0] >= FLAP_MIN:
         count, kind, key = best
         window = " in the last hour" if key.lower() == "flaps_last_hour" else ""
-        # 3 flaps -> 0.62, 5 -> 0.70, 9 -> 0.86, capped at 0.9: more cycles, less doubt.
-        confidence = min(0.9, 0.5 + 0.04 * count)
+        # 3 flaps -> 0.62, 5 -> 0.70, 8 -> 0.80 (cap): more cycles, less doubt. A critical service going
+        # up and down is still down half the time: never enough alone.
+        confidence = min(0.8, 0.5 + 0.04 * count)
+        if severity in CRITICAL_SEVERITIES:
+            confidence = min(confidence, CRITICAL_FLAP_CAP)
         return Finding(
             FP, confidence, f"flapping: fired/resolved {count} times{window} ({kind} {key}={count})", "flapping alert"
         )
     if flag is not None:
-        return Finding(FP, 0.65, f"flapping: {flag} flapping=true set by the alert source", "flapping alert")
+        confidence = CRITICAL_FLAP_CAP if severity in CRITICAL_SEVERITIES else 0.65
+        return Finding(FP, confidence, f"flapping: {flag} flapping=true set by the alert source", "flapping alert")
     return None
 
 
@@ -346,12 +402,18 @@ def _consecutive(alert: Alert, severity: str | None) -> Finding | None:
             "single blip",
         )
     if count >= SUSTAINED_COUNT:
-        # 5 -> 0.70 rising to 0.80 at 10; a critical severity adds 0.1 on top of the cap.
-        confidence = min(0.8, 0.7 + 0.02 * (count - SUSTAINED_COUNT)) + (0.1 if critical else 0.0)
+        # 5 -> 0.70 rising to 0.80 at 10. A count this large alone is not an outage signal for an
+        # informational severity, nor for a condition true for days (expected, or nothing to observe).
+        confidence = min(0.8, 0.7 + 0.02 * (count - SUSTAINED_COUNT))
+        note = ""
+        if severity in LOW_SEVERITIES or severity is None:
+            confidence, note = LOW_SEVERITY_CONFIDENCE, f"; severity {shown} is informational"
+        if count >= PERMANENT_COUNT:
+            confidence, note = PERMANENT_CONFIDENCE, "; true for so long it may be expected or unobservable"
         return Finding(
             VALID,
             confidence,
-            f"sustained: consecutiveCount={count} (threshold {SUSTAINED_COUNT}), severity {shown}",
+            f"sustained: consecutiveCount={count} (threshold {SUSTAINED_COUNT}), severity {shown}{note}",
             "sustained alert",
         )
     if critical and count >= CRITICAL_SUSTAINED_COUNT:
@@ -371,10 +433,10 @@ def _short_resolved(alert: Alert, severity: str | None) -> Finding | None:
     seconds = (_utc(alert.ends_at) - _utc(alert.starts_at)).total_seconds()
     if seconds < 0 or seconds > SHORT_RESOLVED_SECONDS:
         return None
-    confidence = 0.65 if seconds <= 120 else 0.6
+    confidence = 0.7 if seconds <= 120 else 0.6
     if severity in CRITICAL_SEVERITIES:
         # A short critical outage still happened; lean less.
-        confidence -= 0.1
+        confidence -= 0.15
     return Finding(
         FP,
         confidence,
@@ -387,11 +449,15 @@ def alert_findings(alert: Alert, now: dt.datetime) -> list[Finding]:
     severity = _severity(alert)
     rules = (
         _maintenance(alert, now),
-        _flapping(alert),
+        _flapping(alert, severity),
         _consecutive(alert, severity),
         _short_resolved(alert, severity),
     )
-    return [f for f in rules if f is not None]
+    found = [f for f in rules if f is not None]
+    if severity in CRITICAL_SEVERITIES and any(f.classification is FP for f in found):
+        # Someone decided this alert pages: that weighs against any payload hint that it is noise.
+        found.append(Finding(VALID, CRITICAL_SUPPORT, f"severity {severity}", "critical severity", standalone=False))
+    return found
 
 
 # --------------------------------------------------------------------------- script rules
@@ -438,8 +504,22 @@ def _ordered_runs(result: ScriptResult, past: Iterable[Run]) -> list[Run]:
     return [*earlier[-(HISTORY_WINDOW - 1) :], current]
 
 
+def _trailing_failures(runs: Sequence[Run]) -> int:
+    streak = 0
+    for r in reversed(runs):
+        if r.success:
+            break
+        streak += 1
+    return streak
+
+
 def _history_findings(runs: Sequence[Run]) -> list[Finding]:
     findings: list[Finding] = []
+    streak = _trailing_failures(runs)
+    if streak >= BROKEN_STREAK and len(runs) > streak:
+        # It passed before and has failed every run since: broken now, whatever its past flakiness.
+        return [Finding(VALID, 0.5, f"failing since: the last {streak} runs all failed after earlier passes",
+                        "broken since", standalone=False)]
     by_commit: dict[str, list[bool]] = {}
     for r in runs:
         if r.commit and r.commit.strip():
@@ -550,19 +630,11 @@ def _support(findings: Sequence[Finding]) -> float:
 def combine(findings: Sequence[Finding], analyzer: str = "rules") -> Verdict | None:
     """One verdict from all findings; None when no standalone rule fired.
 
-    A decisive finding (maintenance) wins outright. Otherwise each side's
-    findings reinforce each other, opposing evidence discounts the winner by
-    half its weight, and a near draw is reported as ``inconclusive``.
+    Each side's findings reinforce each other, opposing evidence discounts the
+    winner by half its weight, and a near draw is reported as ``inconclusive``.
     """
     if not any(f.standalone for f in findings):
         return None
-    decisive = [f for f in findings if f.decisive]
-    if decisive:
-        top = max(decisive, key=lambda f: f.confidence)
-        others = [f.reason for f in findings if f is not top]
-        reason = top.reason + (f"; outweighed: {'; '.join(others)}" if others else "")
-        return verdict_from_classification(top.classification, reason, top.confidence, analyzer, title=top.title)
-
     sides = {c: [f for f in findings if f.classification is c] for c in (FP, VALID)}
     scores = {c: _support(fs) for c, fs in sides.items()}
     eligible = [c for c in (FP, VALID) if any(f.standalone for f in sides[c])]
@@ -595,6 +667,55 @@ def _past_runs(result: ScriptResult, context: AnalysisContext) -> list[Run]:
     return runs
 
 
+def evidence_findings(request: AnalysisRequest, evidence: Sequence[Evidence]) -> list[Finding]:
+    """What the gathered evidence says; each finding cites the figures it rests on."""
+    found: list[Finding] = []
+    prom = find(list(evidence), PrometheusSummary)
+    if prom is not None:
+        if prom.firing_now is False and prom.recovered_after_s is not None \
+                and prom.recovered_after_s <= EVIDENCE_RECOVERED_SECONDS:
+            found.append(Finding(FP, 0.7, f"Prometheus: {prom.summary()}", "recovered on its own"))
+        elif prom.firing_now and (prom.true_share or 0) >= 0.5:
+            found.append(Finding(VALID, 0.75, f"Prometheus: {prom.summary()}", "still firing"))
+    am = find(list(evidence), AlertmanagerSummary)
+    if am is not None:
+        if am.co_firing_services >= CO_FIRING_SERVICES:
+            found.append(Finding(VALID, 0.8, f"Alertmanager: {am.summary()}", "services failing together"))
+        elif am.co_firing == 0 and prom is not None and prom.firing_now is False:
+            found.append(Finding(FP, 0.3, "Alertmanager: nothing else firing", "isolated", standalone=False))
+        human = am.human_silences()
+        if human:
+            found.append(Finding(FP, 0.6, f"silenced by {human[0].created_by or 'a human'}: "
+                                          f"{_snippet(human[0].comment, 120)}", "silenced by a human"))
+    if request.alert is not None:
+        hist = find(list(evidence), AlertHistory)
+        if hist is not None:
+            if hist.human_valid and hist.human_valid >= hist.human_false_positive:
+                found.append(Finding(VALID, 0.75, f"history: {hist.summary()}", "humans called it valid"))
+            elif hist.human_false_positive >= 2 and not hist.human_valid:
+                found.append(Finding(FP, 0.7, f"history: {hist.summary()}", "humans called it noise"))
+    if request.script_result is not None:
+        runs = find(list(evidence), ScriptHistory)
+        if runs is not None:
+            if runs.same_commit_passes:
+                found.append(Finding(FP, 0.7, f"history: {runs.summary()}", "flaky test"))
+            elif runs.same_commit_runs >= 3 and runs.default_branch_runs \
+                    and runs.default_branch_failures / runs.default_branch_runs <= 0.1:
+                found.append(Finding(VALID, 0.75, f"history: {runs.summary()}", "regression"))
+    return found
+
+
+def findings(request: AnalysisRequest, context: AnalysisContext) -> list[Finding]:
+    """Every rule's finding on this job (what the analyzer combines, and what the safety policy reads)."""
+    found: list[Finding] = evidence_findings(request, context.evidence)
+    if request.alert is not None:
+        found.extend(alert_findings(request.alert, context.now))
+    result = request.script_result
+    if result is not None and not result.success:
+        found.extend(script_findings(result, _past_runs(result, context)))
+    return found
+
+
 class RulesAnalyzer:
     """Deterministic rules over alert metadata, error text and run history.
 
@@ -607,10 +728,4 @@ class RulesAnalyzer:
     name = "rules"
 
     async def analyze(self, request: AnalysisRequest, context: AnalysisContext) -> Verdict | None:
-        findings: list[Finding] = []
-        if request.alert is not None:
-            findings.extend(alert_findings(request.alert, context.now))
-        result = request.script_result
-        if result is not None and not result.success:
-            findings.extend(script_findings(result, _past_runs(result, context)))
-        return combine(findings, analyzer=self.name)
+        return combine(findings(request, context), analyzer=self.name)

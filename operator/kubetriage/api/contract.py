@@ -10,7 +10,14 @@ import datetime as dt
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetriage.api.models import Alert, AnalyzerName, ScriptResult, Source
+from kubetriage.api.evidence import Evidence
+from kubetriage.api.models import MAX_NAME, Alert, AnalyzerName, ScriptResult, Source, TriageRuleSpec
+
+# Who a target is: the labels a remembered verdict or a duplicate's verdict must share with a job before
+# they apply to it. Per pool: ``spec.analyzer.identityLabels``. Not ``pod``: a Deployment's next pod is the
+# same target under a new name (the memory compares it with its generated suffix replaced).
+DEFAULT_IDENTITY_LABELS: tuple[str, ...] = ("namespace", "job", "service", "instance", "target", "host", "node")
+MAX_RULES = 64
 
 
 class PastResult(BaseModel):
@@ -19,6 +26,15 @@ class PastResult(BaseModel):
     success: bool
     finished_at: dt.datetime | None = None
     commit: str | None = None
+
+
+class TeamRule(BaseModel):
+    """A TriageRule as the worker gets it: its name (cited in reasons) and its spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=MAX_NAME)
+    spec: TriageRuleSpec
 
 
 class AnalysisRequest(BaseModel):
@@ -41,6 +57,9 @@ class AnalysisRequest(BaseModel):
     attempt: int = 1
     created_at: dt.datetime | None = None
     script_history: list[PastResult] = []
+    # The TriageRules of the job's namespace at admission, and the history the operator looked up.
+    rules: list[TeamRule] = Field(default_factory=list, max_length=MAX_RULES)
+    evidence: list[Evidence] = Field(default_factory=list, max_length=16)
 
 
 class AnalysisContext(BaseModel):
@@ -51,3 +70,8 @@ class AnalysisContext(BaseModel):
     now: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
     script_history: list[PastResult] = Field(default_factory=list)
     confidence_threshold: float = 0.7
+    # The request's evidence plus what the worker's gatherers found; only summaries, never raw data.
+    evidence: list[Evidence] = Field(default_factory=list)
+    identity_labels: tuple[str, ...] = DEFAULT_IDENTITY_LABELS
+    # What earlier analyzers in the chain found without deciding; the LLM sees them as evidence.
+    findings: list[str] = Field(default_factory=list)

@@ -13,7 +13,7 @@ import datetime as dt
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetriage.io"
@@ -267,11 +267,23 @@ class Condition(_Model):
     observed_generation: int | None = Field(None, ge=0)
 
 
+MAX_EVIDENCE = 16
+
+
+class EvidenceItem(_Model):
+    """One compact fact gathered before the verdict (Prometheus, Alertmanager, history), as users see it."""
+
+    source: str = Field(max_length=64, description="prometheus, alertmanager, history, ...")
+    summary: str = Field(max_length=512, description="One line a human can check.")
+    value: str | None = Field(None, max_length=256, description="The headline figure, as text.")
+
+
 class TriageJobStatus(_Model):
     phase: Phase | None = None
     verdict: Verdict | None = None
+    evidence: list[EvidenceItem] | None = Field(None, max_length=MAX_EVIDENCE)
     attempts: int | None = Field(None, ge=0)
-    pool: str | None = _str(63)
+    pool: str | None = _str(MAX_NAME * 2 + 1, description="namespace/name of the TriagePool.")
     priority_class_name: str | None = _str(MAX_NAME)
     priority: int | None = None
     fingerprint: str | None = _str(128)
@@ -314,6 +326,12 @@ class PoolAnalyzer(_Model):
     vision_model: str | None = _str(MAX_SHORT)
     api_key_secret_ref: SecretKeyRef | None = None
     timeout_seconds: float = Field(60, gt=0, le=600)
+    identity_labels: list[Annotated[str, Field(max_length=MAX_NAME)]] | None = Field(
+        None,
+        max_length=16,
+        description="Alert labels that name the target: a remembered human verdict or a duplicate's verdict "
+        "applies only when these match. Default: namespace, job, service, instance, target, host, node.",
+    )
 
 
 class RateLimit(_Model):
@@ -355,6 +373,91 @@ class TriagePoolStatus(_Model):
     deployment: str | None = _str(MAX_NAME)
     observed_generation: int | None = Field(None, ge=0)
     conditions: list[Condition] | None = Field(None, max_length=MAX_CONDITIONS)
+
+
+# --------------------------------------------------------------------------- TriageRule
+
+
+class RuleWindow(_Model):
+    """A time window (a maintenance window): the rule applies to alerts that started inside it."""
+
+    start: dt.datetime
+    end: dt.datetime
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": "self.end > self.start", "message": "end must be after start"}]
+        }
+    )
+
+
+class RuleMatch(_Model):
+    """What a rule applies to; every field given must match (an empty match applies to every job)."""
+
+    source_type: SourceType | None = None
+    alert_names: list[Annotated[str, Field(max_length=MAX_NAME)]] | None = Field(
+        None, max_length=32, description="Exact alert names."
+    )
+    labels: Labels | None = Field(None, description="Alert labels that must be present with exactly these values.")
+    script_names: list[Annotated[str, Field(max_length=MAX_NAME)]] | None = Field(
+        None, max_length=32, description="Exact script names."
+    )
+    error_regex: str | None = Field(
+        None,
+        max_length=256,
+        description="RE2 regular expression searched in the error message, the logs and the alert's annotations.",
+    )
+    window: RuleWindow | None = None
+
+
+class RuleAction(_Model):
+    """Either a classification with a confidence, or a guard that a human must decide."""
+
+    never_discard: bool | None = Field(
+        None, description="Jobs this rule matches never become false_positive without a human."
+    )
+    classification: Literal["false_positive", "valid"] | None = None
+    confidence: float | None = Field(None, ge=0, le=1)
+    reason: str | None = _str(512)
+
+    @model_validator(mode="after")
+    def _one_action(self) -> RuleAction:
+        # The same two rules as the CEL below, for manifests checked outside the API server (rule test).
+        if bool(self.never_discard) == (self.classification is not None):
+            raise ValueError("set exactly one of neverDiscard: true or classification")
+        if self.classification is not None and self.confidence is None:
+            raise ValueError("a classification needs a confidence")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.neverDiscard) && self.neverDiscard) != has(self.classification)",
+                    "message": "set exactly one of neverDiscard: true or classification",
+                },
+                {
+                    "rule": "!has(self.classification) || has(self.confidence)",
+                    "message": "a classification needs a confidence",
+                },
+            ]
+        }
+    )
+
+
+class TriageRuleStatus(_Model):
+    """Set by the operator: whether the rule is usable (an invalid regular expression is reported here)."""
+
+    observed_generation: int | None = Field(None, ge=0)
+    conditions: list[Condition] | None = Field(None, max_length=MAX_CONDITIONS)
+
+
+class TriageRuleSpec(_Model):
+    """A team's own rule, evaluated before any analyzer and cited in the verdict's reason."""
+
+    description: str | None = _str(512)
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    action: RuleAction
 
 
 # --------------------------------------------------------------------------- helpers

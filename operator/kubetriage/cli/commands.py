@@ -22,6 +22,12 @@ from kubetriage.cli.submit import submit_alert, submit_junit, submit_script
 from kubetriage.cli.verdict import verdict_set
 
 
+async def _rule_test(args: argparse.Namespace) -> int:
+    from kubetriage.cli.rules import rule_test  # loads the analyzers: only for this command
+
+    return await rule_test(args)
+
+
 def add_subcommands(sub: Any) -> None:
     """The user commands, added to ``kubetriage``'s parser by ``kubetriage.cli.build_parser``."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -120,3 +126,16 @@ def add_subcommands(sub: Any) -> None:
     add_namespace(q, all_namespaces=True)
     add_output(q, ("table", "json", "yaml"))
     q.set_defaults(func=run_async(queue))
+
+    r = sub.add_parser("rule", help="TriageRules: test one against the recorded verdicts", epilog=EPILOG)
+    rsub = r.add_subparsers(dest="rule_command", required=True, metavar="{test}")
+    rt = rsub.add_parser(
+        "test", help="replay a TriageRule file against recorded verdicts; writes nothing", epilog=EPILOG,
+        description="Show which recorded verdicts a TriageRule would have changed, before you apply it. The "
+                    "rule is matched and passed through the same safety policy the workers apply; human "
+                    "verdicts never change.")
+    rt.add_argument("file", help="the TriageRule manifest (YAML/JSON; - = stdin)")
+    add_namespace(rt)
+    rt.add_argument("--all", action="store_true", help="also list matched jobs whose verdict would not change")
+    add_output(rt, ("table", "json", "yaml"))
+    rt.set_defaults(func=run_async(_rule_test))

@@ -8,6 +8,8 @@ after Redis lost its data. It writes status at most once per job.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 import json
 import logging
 from typing import Any
@@ -17,10 +19,19 @@ from pydantic import ValidationError
 from kubetriage.api import fingerprint
 from kubetriage.api.contract import AnalysisRequest, PastResult
 from kubetriage.api.keys import RESOLVED_AT
-from kubetriage.api.models import FINISHED_PHASES, AlertStatus, Analysis, Phase, SourceType, TriageJobSpec
-from kubetriage.api.summary import job_summary
-from kubetriage.api.timeutil import now, parse_time, rfc3339
-from kubetriage.controller.runtime import Runtime
+from kubetriage.api.models import (
+    FINISHED_PHASES,
+    AlertStatus,
+    Analysis,
+    Phase,
+    SourceType,
+    TriageJobSpec,
+    TriageJobStatus,
+    Verdict,
+)
+from kubetriage.api.timeutil import now, parse_time
+from kubetriage.controller.runtime import PoolInfo, Runtime
+from kubetriage.controller.status import cancel_running, spec_summary, triaged, write_status
 from kubetriage.infra import metrics
 from kubetriage.infra.kube import ApiError, triagejob_path
 
@@ -29,42 +40,12 @@ log = logging.getLogger("kubetriage.controller.admission")
 _ACTIVE = {Phase.QUEUED.value, Phase.RUNNING.value}
 
 
-def condition(type_: str, status: str, reason: str, message: str, generation: int | None) -> dict[str, Any]:
-    return {
-        "type": type_,
-        "status": status,
-        "reason": reason,
-        "message": message[:1024],
-        "lastTransitionTime": rfc3339(now()).split(".")[0] + "Z",
-        "observedGeneration": generation,
-    }
-
-
-async def patch_status(rt: Runtime, namespace: str, name: str, status: dict[str, Any]) -> bool:
-    """One merge-patch of /status; False when the job is gone (deleted meanwhile)."""
-    try:
-        await rt.kube.merge_patch(triagejob_path(namespace, name, status=True), {"status": status})
-    except ApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
-
-
 def member(namespace: str, name: str, uid: str, spec: dict[str, Any]) -> str:
     """How a duplicate is remembered in Redis: enough to record its verdict without a GET."""
     source = spec.get("source") or {}
     summary = spec_summary(spec)
     return json.dumps({"ns": namespace, "name": name, "uid": uid, "type": source.get("type"),
                        "id": source.get("id"), "summary": summary}, separators=(",", ":"))
-
-
-def spec_summary(spec: dict[str, Any]) -> str:
-    """``sinks.job_summary`` of a wire-form spec (what duplicates and overrides store)."""
-    try:
-        return job_summary(TriageJobSpec.model_validate(spec)) or ""
-    except ValidationError:
-        return ""
 
 
 def _with_resolution(body: dict[str, Any], spec: TriageJobSpec) -> TriageJobSpec:
@@ -103,113 +84,218 @@ async def script_history(rt: Runtime, spec: TriageJobSpec) -> list[PastResult]:
     return [PastResult(success=ok, finished_at=at) for ok, at in rows]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """The job as this watch event shows it: who it is, and the status it had when the event was sent."""
+
+    body: dict[str, Any]
+    ns: str
+    name: str
+    uid: str
+    generation: int | None
+    status: dict[str, Any]
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> _Job:
+        meta = body["metadata"]
+        return cls(body, meta["namespace"], meta["name"], meta["uid"], meta.get("generation"),
+                   body.get("status") or {})
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """Where a job is queued: its pool, its PriorityClass (name and value) and its dedup fingerprint."""
+
+    pool: PoolInfo
+    priority_class: str
+    priority: int
+    fingerprint: str
+
+    def status(self, generation: int | None) -> dict[str, Any]:
+        """The status fields every admitted job (queued or duplicate) carries: where it went and why."""
+        return {"pool": self.pool.key, "priority_class_name": self.priority_class, "priority": self.priority,
+                "fingerprint": self.fingerprint, "observed_generation": generation}
+
+
 async def admit(rt: Runtime, body: dict[str, Any]) -> None:
-    meta = body["metadata"]
-    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
-    status = body.get("status") or {}
-    phase = status.get("phase")
-    if rt.phases.get(uid) in FINISHED_PHASES and phase not in FINISHED_PHASES:
-        # kopf can hand us a job's older event after we recorded its verdict (and removed it from
-        # Redis): a finished job never runs again, so a stale "Queued" must not re-queue it
+    """Do what is missing for this job, as it is now: queue it, fold it into a duplicate, or say why it waits."""
+    job = _Job.of(body)
+    if not _track(rt, job) or not await _needs_admission(rt, job):
         return
-    rt.phases[uid] = phase or ""
-    rt.sources[uid] = ((body.get("spec") or {}).get("source") or {}).get("type", "")
-    generation = meta.get("generation")
+    spec = await _parse_spec(rt, job)
+    if spec is None:
+        return
+    await rt.load_caches()
+    priority_class = _resolve_priority_class(rt, spec)
+    pool_name, pool = _resolve_pool(rt, job, spec)
+    problem = _missing(rt, job, priority_class, pool_name, pool)
+    if problem is not None:
+        await _park(rt, job, *problem)
+        return
+    assert pool is not None  # _missing reports a missing pool
+    rt.waiting.pop(job.uid, None)
+    placement = _Placement(pool, priority_class, rt.priority_classes[priority_class],
+                           fingerprint.derive(body.get("spec") or {}))
+    if job.phase not in _ACTIVE and await _deduplicate(rt, job, spec, placement):
+        return
+    payload = await _build_request(rt, job, spec)
+    queued_at, fresh, added = await _enqueue(rt, job, spec, placement, payload)
+    await _write_queued(rt, job, spec, placement, queued_at, fresh, added)
 
-    if phase == Phase.DUPLICATE.value and not status.get("verdict"):
-        await _relink_duplicate(rt, body)
-        return
-    if phase in (Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.DUPLICATE.value):
-        rt.waiting.pop(uid, None)
-        return
-    if phase in _ACTIVE and await rt.queue.known(uid):
-        if RESOLVED_AT in (meta.get("annotations") or {}):
-            await _apply_resolution(rt, body)
-        return
 
+def _track(rt: Runtime, job: _Job) -> bool:
+    """Remember the job's phase and source (the gauges, and cheap skips later); False for a stale event.
+
+    kopf can hand us a job's older event after we recorded its verdict (and removed it from Redis): a
+    finished job never runs again, so a stale "Queued" must not re-queue it.
+    """
+    if rt.phases.get(job.uid) in FINISHED_PHASES and job.phase not in FINISHED_PHASES:
+        return False
+    rt.phases[job.uid] = job.phase or ""
+    rt.sources[job.uid] = ((job.body.get("spec") or {}).get("source") or {}).get("type", "")
+    return True
+
+
+async def _needs_admission(rt: Runtime, job: _Job) -> bool:
+    """False when there is nothing to admit: most events are our own status writes coming back.
+
+    A duplicate still waiting for its verdict re-attaches to its primary (Redis may have lost it); a
+    finished job is done; a queued or running job Redis knows only picks up a late alert resolution.
+    """
+    if job.phase == Phase.DUPLICATE.value and not job.status.get("verdict"):
+        await _relink_duplicate(rt, job.body)
+        return False
+    if job.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.DUPLICATE.value):
+        rt.waiting.pop(job.uid, None)
+        return False
+    if job.phase in _ACTIVE and await rt.queue.known(job.uid):
+        if RESOLVED_AT in (job.body["metadata"].get("annotations") or {}):
+            await _apply_resolution(rt, job.body)
+        return False
+    return True
+
+
+async def _parse_spec(rt: Runtime, job: _Job) -> TriageJobSpec | None:
+    """The spec as the model reads it; None (and the job Failed, naming the field) when it does not validate.
+
+    The API server validates the same schema, so this only catches what CEL and the schema cannot say.
+    """
     try:
-        spec = TriageJobSpec.model_validate(body.get("spec") or {})
+        return TriageJobSpec.model_validate(job.body.get("spec") or {})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        await patch_status(rt, ns, name, {
-            "phase": Phase.FAILED.value, "message": f"invalid spec: {where}: {first['msg']}",
-            "completedAt": rfc3339(now()), "observedGeneration": generation,
-            "conditions": [condition("Triaged", "False", "InvalidSpec", f"{where}: {first['msg']}", generation)],
-        })
-        return
+        where = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        await write_status(rt, job.ns, job.name, TriageJobStatus(
+            phase=Phase.FAILED, message=f"invalid spec: {where}", completed_at=now(),
+            observed_generation=job.generation, conditions=triaged(False, "InvalidSpec", where, job.generation)))
+        return None
 
-    await rt.load_caches()
-    pc_name = spec.priority_class_name or (
-        rt.settings.alert_priority_class if spec.source.type == SourceType.ALERT.value
-        else rt.settings.script_priority_class
-    )
-    pool_name = spec.pool or rt.settings.default_pool
-    pool = rt.find_pool(ns, pool_name)
-    problem = None
-    if pc_name not in rt.priority_classes:
-        problem = ("PriorityClassNotFound", f"PriorityClass {pc_name!r} does not exist; create it or set "
-                   "spec.priorityClassName to an existing one")
-    elif pool is None:
-        problem = ("PoolNotFound", f"TriagePool {pool_name!r} not found in namespace {ns!r}"
-                   + (f" or {rt.settings.pool_namespace!r}" if rt.settings.pool_namespace else ""))
-    if problem:
-        rt.waiting[uid] = (ns, name)
-        conds = status.get("conditions") or []
-        if phase != Phase.PENDING.value or not any(c.get("reason") == problem[0] for c in conds):
-            await patch_status(rt, ns, name, {
-                "phase": Phase.PENDING.value, "message": problem[1], "observedGeneration": generation,
-                "conditions": [condition("Triaged", "False", problem[0], problem[1], generation)],
-            })
-        return
-    rt.waiting.pop(uid, None)
-    assert pool is not None
-    priority = rt.priority_classes[pc_name]
-    fp = fingerprint.derive(body.get("spec") or {})
-    identity = f"{uid}/{name}"
-    base_status: dict[str, Any] = {
-        "pool": pool.key, "priorityClassName": pc_name, "priority": priority, "fingerprint": fp,
-        "observedGeneration": generation,
+
+def _resolve_priority_class(rt: Runtime, spec: TriageJobSpec) -> str:
+    """The job's PriorityClass, else the default of its source type (alerts ahead of script results)."""
+    if spec.priority_class_name:
+        return spec.priority_class_name
+    if spec.source.type == SourceType.ALERT.value:
+        return rt.settings.alert_priority_class
+    return rt.settings.script_priority_class
+
+
+def _resolve_pool(rt: Runtime, job: _Job, spec: TriageJobSpec) -> tuple[str, PoolInfo | None]:
+    """The pool's name and the pool, if this replica knows it (the job's namespace, then the operator's)."""
+    name = spec.pool or rt.settings.default_pool
+    return name, rt.find_pool(job.ns, name)
+
+
+def _missing(rt: Runtime, job: _Job, priority_class: str, pool_name: str,
+             pool: PoolInfo | None) -> tuple[str, str] | None:
+    """What the job waits for, as (condition reason, message a user can act on); None when nothing is missing."""
+    if priority_class not in rt.priority_classes:
+        return ("PriorityClassNotFound", f"PriorityClass {priority_class!r} does not exist; create it or set "
+                "spec.priorityClassName to an existing one")
+    if pool is None:
+        return ("PoolNotFound", f"TriagePool {pool_name!r} not found in namespace {job.ns!r}"
+                + (f" or {rt.settings.pool_namespace!r}" if rt.settings.pool_namespace else ""))
+    return None
+
+
+async def _park(rt: Runtime, job: _Job, reason: str, message: str) -> None:
+    """Keep the job Pending until what it waits for appears (``readmit_waiting``); say so once, not per event."""
+    rt.waiting[job.uid] = (job.ns, job.name)
+    said = any(c.get("reason") == reason for c in job.status.get("conditions") or [])
+    if job.phase != Phase.PENDING.value or not said:
+        await write_status(rt, job.ns, job.name, TriageJobStatus(
+            phase=Phase.PENDING, message=message, observed_generation=job.generation,
+            conditions=triaged(False, reason, message, job.generation)))
+
+
+async def _deduplicate(rt: Runtime, job: _Job, spec: TriageJobSpec, placement: _Placement) -> bool:
+    """True when an earlier job with the same fingerprint (inside the window) is analysed instead of this one.
+
+    The job becomes a Duplicate: it waits for the primary's verdict, or copies it at once when the primary
+    already has one. One Redis script decides, so two replicas or a rebuild cannot both pick a primary.
+    """
+    window = rt.settings.dedup_window_seconds
+    if window <= 0:
+        return False
+    kind, primary, verdict = await rt.queue.dedup(
+        job.ns, placement.fingerprint, f"{job.uid}/{job.name}",
+        member(job.ns, job.name, job.uid, job.body.get("spec") or {}), window)
+    if kind == "primary":
+        return False
+    primary_name = primary.split("/", 1)[1]
+    fields: dict[str, Any] = {
+        **placement.status(job.generation), "phase": Phase.DUPLICATE, "duplicate_of": primary_name,
+        "completed_at": now(), "message": f"same fingerprint as {primary_name} within {window}s",
+        "conditions": triaged(kind != "duplicate", "Duplicate", f"analysed once as {primary_name}", job.generation),
     }
+    if kind == "done":
+        fields.update(verdict=Verdict.model_validate_json(verdict), recorded=False)
+    await write_status(rt, job.ns, job.name, TriageJobStatus(**fields))
+    metrics.JOBS_DUPLICATE.labels(spec.source.type).inc()
+    return True
 
-    if phase not in _ACTIVE and rt.settings.dedup_window_seconds > 0:
-        kind, primary, verdict = await rt.queue.dedup(
-            ns, fp, identity, member(ns, name, uid, body.get("spec") or {}), rt.settings.dedup_window_seconds)
-        if kind != "primary":
-            primary_name = primary.split("/", 1)[1]
-            dup_status = {
-                **base_status, "phase": Phase.DUPLICATE.value, "duplicateOf": primary_name,
-                "completedAt": rfc3339(now()),
-                "message": f"same fingerprint as {primary_name} within {rt.settings.dedup_window_seconds}s",
-                "conditions": [condition("Triaged", "False" if kind == "duplicate" else "True", "Duplicate",
-                                         f"analysed once as {primary_name}", generation)],
-            }
-            if kind == "done":
-                dup_status["verdict"] = json.loads(verdict)
-                dup_status["recorded"] = False
-            await patch_status(rt, ns, name, dup_status)
-            metrics.JOBS_DUPLICATE.labels(spec.source.type).inc()
-            return
 
-    payload = request_payload(body, spec, await script_history(rt, spec))
-    # stamped after the (database) history read: queuedAt and the FIFO score are when it entered the queue
-    queued_at = parse_time(status.get("queuedAt"))
+async def _build_request(rt: Runtime, job: _Job, spec: TriageJobSpec) -> dict[str, Any]:
+    """What the worker gets: the spec (resolution applied), identity, and the script's history.
+
+    The history is read here because workers have no database access.
+    """
+    return request_payload(job.body, spec, await script_history(rt, spec))
+
+
+async def _enqueue(rt: Runtime, job: _Job, spec: TriageJobSpec, placement: _Placement,
+                   payload: dict[str, Any]) -> tuple[dt.datetime, bool, bool]:
+    """Queue the job in its pool; returns (queuedAt, fresh: never queued before, added: Redis took it now).
+
+    A job queued before (a rebuild after Redis lost its data) keeps its queuedAt, so it keeps its FIFO place.
+    Stamped after the (database) history read: queuedAt and the FIFO score are when it entered the queue.
+    """
+    queued_at = parse_time(job.status.get("queuedAt"))
     fresh = queued_at is None
     queued_at = queued_at or now()
-    score = int(queued_at.timestamp() * 1_000_000)
     analysis = spec.analysis or Analysis()
     added = await rt.queue.enqueue(
-        uid=uid, pool=pool.key, priority=priority, payload=payload, namespace=ns, name=name,
-        max_attempts=analysis.max_attempts, attempts=int(status.get("attempts") or 0), score_us=score,
+        uid=job.uid, pool=placement.pool.key, priority=placement.priority, payload=payload, namespace=job.ns,
+        name=job.name, max_attempts=analysis.max_attempts, attempts=int(job.status.get("attempts") or 0),
+        score_us=int(queued_at.timestamp() * 1_000_000),
     )
-    # only the admission that queued a fresh job writes Queued (another one may race it: a rebuild)
-    if (fresh and added) or (not fresh and phase not in _ACTIVE):
-        await patch_status(rt, ns, name, {
-            **base_status, "phase": Phase.QUEUED.value, "queuedAt": rfc3339(queued_at), "attempts": 0,
-            "message": None,
-            "conditions": [condition("Triaged", "False", "Queued", f"waiting in pool {pool.key}", generation)],
-        })
-        metrics.JOBS_ADMITTED.labels(pool.key, pc_name, spec.source.type).inc()
+    return queued_at, fresh, added
+
+
+async def _write_queued(rt: Runtime, job: _Job, spec: TriageJobSpec, placement: _Placement,
+                        queued_at: dt.datetime, fresh: bool, added: bool) -> None:
+    """Write Queued at most once per queueing: by the admission that queued a fresh job (another one may race
+    it: a rebuild), or by one that re-queued a job queued before that is no longer Queued (it waited again)."""
+    if not ((fresh and added) or (not fresh and job.phase not in _ACTIVE)):
+        return
+    await write_status(rt, job.ns, job.name, TriageJobStatus(
+        **placement.status(job.generation), phase=Phase.QUEUED, queued_at=queued_at, attempts=0, message=None,
+        conditions=triaged(False, "Queued", f"waiting in pool {placement.pool.key}", job.generation)))
+    metrics.JOBS_ADMITTED.labels(placement.pool.key, placement.priority_class, spec.source.type).inc()
 
 
 async def _apply_resolution(rt: Runtime, body: dict[str, Any]) -> None:
@@ -240,16 +326,17 @@ async def _relink_duplicate(rt: Runtime, body: dict[str, Any]) -> None:
     except ApiError as exc:
         if exc.status != 404:
             raise
-        await patch_status(rt, meta["namespace"], meta["name"], {
-            "phase": Phase.FAILED.value, "message": f"primary {primary_name} was deleted before its verdict",
-        })
+        await write_status(rt, meta["namespace"], meta["name"], TriageJobStatus(
+            phase=Phase.FAILED, message=f"primary {primary_name} was deleted before its verdict"))
         return
     pstatus = primary.get("status") or {}
     if pstatus.get("verdict"):
-        await patch_status(rt, meta["namespace"], meta["name"], {"verdict": pstatus["verdict"], "recorded": False})
+        await write_status(rt, meta["namespace"], meta["name"], TriageJobStatus(
+            verdict=Verdict.model_validate(pstatus["verdict"]), recorded=False))
         return
-    key = rt.queue.k("dups", f"{primary['metadata']['uid']}/{primary_name}")
-    await rt.redis.sadd(key, member(meta["namespace"], meta["name"], meta["uid"], body.get("spec") or {}))
+    await rt.queue.add_duplicate(f"{primary['metadata']['uid']}/{primary_name}",
+                                 member(meta["namespace"], meta["name"], meta["uid"], body.get("spec") or {}),
+                                 rt.settings.dedup_window_seconds)
 
 
 async def readmit_waiting(rt: Runtime) -> None:
@@ -271,9 +358,7 @@ async def forget(rt: Runtime, body: dict[str, Any]) -> None:
     rt.waiting.pop(uid, None)
     rt.phases.pop(uid, None)
     rt.sources.pop(uid, None)
-    handle = rt.running_timers.pop(uid, None)
-    if handle:
-        handle.cancel()
+    cancel_running(rt, uid)
     await rt.queue.remove(uid)
 
 

@@ -3,7 +3,8 @@
 TriageJobs use ``on.event`` only: kopf keeps no progress annotations, no
 diff-base and no finalizer on them, so every API write a job costs is one we
 make ourselves (and count). TriagePools get a daemon (their control loop),
-which kopf stops on a standby replica.
+which kopf stops on a standby replica; the daemons also keep the leader loop
+(``controller.leader``) alive, so a standby runs none of it either.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import kopf
 
 from kubetriage.api.models import GROUP, VERSION
-from kubetriage.controller import admission, overrides, pools, recording
+from kubetriage.controller import admission, leader, overrides, pools, recording
 from kubetriage.controller.runtime import Runtime
 from kubetriage.infra import metrics
 from kubetriage.infra.config import Settings
@@ -46,6 +47,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.request_timeout = 60
     settings.peering.lifetime = cfg.peering_lifetime_seconds
     memo["runtime"] = await Runtime.create(cfg)
+    # not started here: a task from a startup handler would run on a standby too (peering pauses only
+    # watchers and daemons), so the pool daemons start and stop it
+    memo["leader"] = leader.Leader(memo["runtime"])
     if not cfg.standalone:
         await memo["runtime"].ensure_peering_objects()
     metrics.start_server(cfg.metrics_port)
@@ -57,6 +61,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await ingest.stop_ingest(memo.get("ingest"))
+    if memo.get("leader") is not None:
+        await memo["leader"].close()
     rt = memo.get("runtime")
     if rt is not None:
         await rt.close()
@@ -88,7 +94,9 @@ async def triagepool_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
 
 @kopf.daemon(GROUP, VERSION, "triagepools", cancellation_timeout=10, initial_delay=0)
 async def triagepool_loop(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
-    await pools.run_pool(_rt(memo), dict(body), stopped)
+    # every pool daemon holds the leader: the first starts the one leader loop, the last one out stops it
+    async with memo["leader"].held():
+        await pools.run_pool(_rt(memo), dict(body), stopped)
 
 
 @kopf.on.event("scheduling.k8s.io", "v1", "priorityclasses")

@@ -18,20 +18,18 @@ import logging
 from typing import Any
 
 from kubetriage.api.keys import VERDICT, VERDICT_BY, VERDICT_REASON
-from kubetriage.api.models import CheckType, Classification, Phase, verdict_from_classification
-from kubetriage.api.timeutil import now, rfc3339
-from kubetriage.controller.admission import condition, patch_status, spec_summary
+from kubetriage.api.models import CheckType, Classification, Phase, TriageJobStatus, verdict_from_classification
+from kubetriage.api.timeutil import now, parse_time
 from kubetriage.controller.recording import record_in_db
 from kubetriage.controller.runtime import Runtime
+from kubetriage.controller.status import cancel_running, record_of_job, spec_summary, verdict_conditions, write_status
 from kubetriage.infra import metrics
 from kubetriage.infra.kube import ApiError
-from kubetriage.infra.sinks import VerdictRecord
+from kubetriage.infra.queue import MEMORY_MAX
 
 log = logging.getLogger("kubetriage.controller.overrides")
 
 ALLOWED = (Classification.VALID.value, Classification.FALSE_POSITIVE.value)
-MEMORY_KEY = "memory"
-MEMORY_MAX = 20000
 
 
 def memory_case(summary: str, classification: str, reason: str, source: str, kind: str | None,
@@ -58,9 +56,9 @@ async def apply(rt: Runtime, body: dict[str, Any]) -> bool:
     status = body.get("status") or {}
     wanted = wanted.strip().lower().replace("-", "_")
     if wanted not in ALLOWED:
-        message = f"annotation {VERDICT}={annotations[VERDICT]!r} ignored: use one of {', '.join(ALLOWED)}"
+        message = f"annotation {VERDICT}={annotations[VERDICT]!r} ignored: use one of {', '.join(ALLOWED)}"[:4096]
         if status.get("message") != message:
-            await patch_status(rt, ns, name, {"message": message})
+            await write_status(rt, ns, name, TriageJobStatus(message=message))
         return False
     by = (annotations.get(VERDICT_BY) or "unknown").strip()[:128]
     reason = f"{(annotations.get(VERDICT_REASON) or 'set by a human').strip()} (by {by})"[:4000]
@@ -72,49 +70,34 @@ async def apply(rt: Runtime, body: dict[str, Any]) -> bool:
     spec = body.get("spec") or {}
     source = spec.get("source") or {}
     summary = spec_summary(spec)
-    record = VerdictRecord(
-        job_uid=uid, job_name=name, namespace=ns, source_type=source.get("type", "alert"),
-        source_id=source.get("id"), fingerprint=status.get("fingerprint"), verdict=verdict,
-        pool=status.get("pool"), priority_class=status.get("priorityClassName"),
-        attempts=int(status.get("attempts") or 0), recorded_at=now(), summary=summary,
-    )
-    recorded = await record_in_db(rt, record)
+    recorded = await record_in_db(rt, record_of_job(body, verdict))
     metrics.VERDICTS.labels(wanted, "human", CheckType.USER.value).inc()
     await rt.queue.remove(uid)  # a queued or running analysis is moot now
-    timer = rt.running_timers.pop(uid, None)
-    if timer:
-        timer.cancel()
-    patch: dict[str, Any] = {
-        "phase": Phase.SUCCEEDED.value, "verdict": verdict.wire(), "recorded": recorded, "message": None,
-        "completedAt": status.get("completedAt") or rfc3339(now()),
-        "conditions": [condition("Triaged", "True", "HumanVerdict", reason[:200], meta.get("generation")),
-                       condition("Recorded", "True" if recorded else "False",
-                                 "Recorded" if recorded else "DatabaseUnavailable",
-                                 "verdict in the database" if recorded else "retrying the database write", None)],
+    cancel_running(rt, uid)
+    fields: dict[str, Any] = {
+        "verdict": verdict, "recorded": recorded, "message": None,
+        "completed_at": parse_time(status.get("completedAt")) or now(),
+        "conditions": verdict_conditions(verdict, recorded, meta.get("generation")),
     }
-    if status.get("phase") == Phase.DUPLICATE.value:
-        patch.pop("phase")
-    rt.phases[uid] = patch.get("phase", status.get("phase", ""))
-    if await patch_status(rt, ns, name, patch):
+    if status.get("phase") != Phase.DUPLICATE.value:  # a duplicate keeps its phase: it still names its primary
+        fields["phase"] = Phase.SUCCEEDED.value
+    rt.phases[uid] = fields.get("phase", status.get("phase", ""))
+    if await write_status(rt, ns, name, TriageJobStatus(**fields)):
         try:
             await rt.kube.event(body, "VerdictOverridden",
                                 f"{wanted} by {by}, replacing {current.get('classification') or 'no verdict'}")
         except ApiError as exc:
             log.warning("event for %s/%s: %s", ns, name, exc)
     # later duplicates of this job inherit the human verdict, not the one it replaced
-    remembered = rt.queue.k("verdict", f"{uid}/{name}")
-    await rt.redis.set(remembered, json.dumps(verdict.wire()), xx=True, keepttl=True)
-    key = rt.queue.k(MEMORY_KEY)
-    await rt.redis.rpush(key, memory_case(summary, wanted, reason, f"{ns}/{name}", source.get("type"),
-                                          subject_of(spec)))
-    await rt.redis.ltrim(key, -MEMORY_MAX, -1)
+    await rt.queue.replace_remembered_verdict(f"{uid}/{name}", json.dumps(verdict.wire()))
+    await rt.queue.publish_human_cases(memory_case(summary, wanted, reason, f"{ns}/{name}", source.get("type"),
+                                                   subject_of(spec)))
     return True
 
 
 async def seed_memory(rt: Runtime) -> int:
     """Redis lost its data (or this is a new install): republish the database's human verdicts."""
-    key = rt.queue.k(MEMORY_KEY)
-    if await rt.redis.exists(key):
+    if await rt.queue.memory_seeded():
         return 0
     try:
         rows = await rt.sink.human_verdicts(limit=MEMORY_MAX)
@@ -125,6 +108,5 @@ async def seed_memory(rt: Runtime) -> int:
     cases = [memory_case(str(r.get("summary") or ""), str(r.get("classification")), str(r.get("reason") or ""),
                          f"{r.get('namespace', '')}/{r.get('job_name', '')}", r.get("source_type"), None)
              for r in reversed(rows) if r.get("summary")]
-    if cases:
-        await rt.redis.rpush(key, *cases)
+    await rt.queue.publish_human_cases(*cases)
     return len(cases)

@@ -1,8 +1,12 @@
 """TriagePools: one owned worker Deployment each, scaled on backlog; and the pool's control loop.
 
 The control loop runs as a kopf daemon per TriagePool, so kopf's peering
-stops it on a standby replica: only the active operator reaps leases, records
-results and scales. There is no per-TriageJob timer anywhere.
+stops it on a standby replica: only the active operator reaps a pool's leases,
+scales its workers and writes its status. Work that is not per pool (recording
+results, the Redis rebuild, the database retry) is the leader loop's
+(``controller.leader``), which the pool daemons keep alive while they run.
+Jobs have no timers of their own except one: the late "Running" write
+(``controller.status.schedule_running``), cancelled when the job finishes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import kopf
 
 from kubetriage.api.keys import POOL_LABEL
 from kubetriage.api.models import TriagePoolSpec
-from kubetriage.controller import admission, overrides, recording
+from kubetriage.controller import admission
 from kubetriage.controller.runtime import PoolInfo, Runtime
 from kubetriage.infra import metrics
 from kubetriage.infra.kube import ApiError, deployment_path, triagepool_path
@@ -50,6 +54,7 @@ def worker_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> dict[str, A
         {"name": "KUBETRIAGE_CONCURRENCY", "value": str(spec.concurrency)},
         {"name": "KUBETRIAGE_ANALYZER_CHAIN", "value": str(spec.analyzer.chain)},
         {"name": "KUBETRIAGE_CONFIDENCE_THRESHOLD", "value": str(spec.analyzer.confidence_threshold)},
+        {"name": "KUBETRIAGE_IDENTITY_LABELS", "value": ",".join(spec.analyzer.identity_labels or ())},
         {"name": "KUBETRIAGE_LEASE_SECONDS", "value": str(s.lease_seconds)},
         {"name": "KUBETRIAGE_RETRY_BACKOFF_SECONDS", "value": str(s.retry_backoff_seconds)},
         {"name": "KUBETRIAGE_RETRY_BACKOFF_MAX_SECONDS", "value": str(s.retry_backoff_max_seconds)},
@@ -133,21 +138,6 @@ def _export_queue(pool: str, depth: dict[str, int], oldest: dict[str, float]) ->
     seen |= set(depth)
 
 
-def _export_jobs(rt: Runtime) -> None:
-    counts: dict[tuple[str, str], int] = {}
-    for uid, phase in rt.phases.items():
-        key = (phase or "New", rt.sources.get(uid, ""))
-        counts[key] = counts.get(key, 0) + 1
-    for (phase, source), n in counts.items():
-        metrics.JOBS.labels(phase, source).set(n)
-    for labels in list(_jobs_exported - set(counts)):
-        metrics.JOBS.labels(*labels).set(0)
-    _jobs_exported.update(counts)
-
-
-_jobs_exported: set[tuple[str, str]] = set()
-
-
 async def apply_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> None:
     body = worker_deployment(rt, pool, replicas)
     await rt.kube.apply(deployment_path(pool.namespace, body["metadata"]["name"]), body)
@@ -181,60 +171,46 @@ async def reconcile(rt: Runtime, body: dict[str, Any]) -> None:
 
 
 async def run_pool(rt: Runtime, body: dict[str, Any], stopped: kopf.DaemonStopped) -> None:
-    """The pool's loop while this replica is active: record, reap, scale, and watch for a Redis reset."""
+    """The pool's loop while this replica is active: reap expired leases, scale, export the pool's queue."""
     pool = rt.observe_pool(body)
-    stop = asyncio.Event()
-    consumer = f"{rt.identity}-{pool.namespace}-{pool.name}"
-    consumer_task = asyncio.create_task(recording.consume(rt, consumer, stop))
     s = rt.settings
     current = int((body.get("status") or {}).get("replicas") or 0)
     low_since: float | None = None
     last_status: tuple[int, int, int] | None = None
     loop = asyncio.get_running_loop()
-    try:
-        while not stopped:
-            try:
-                if not await rt.queue.epoch_ok():
-                    await admission.rebuild(rt)
-                    await overrides.seed_memory(rt)
-                retried, failed = await rt.queue.reap(pool.key, int(s.retry_backoff_seconds * 1000),
-                                                      int(s.retry_backoff_max_seconds * 1000))
-                if retried or failed:
-                    metrics.LEASE_EXPIRIES.labels(pool.key).inc(retried + failed)
-                    metrics.RETRIES.labels(pool.key, "lease_expired").inc(retried)
-                if rt.db_backlog:
-                    await recording.retry_db_backlog(rt)
-                pool = rt.pools.get(pool.key, pool)
-                spec = TriagePoolSpec.model_validate(pool.spec)
-                depth = await rt.queue.depth(pool.key)
-                running = depth.pop("running", 0)
-                backlog = sum(depth.values())
-                _export_queue(pool.key, depth, await rt.queue.oldest_queued_age(pool.key))
-                _export_jobs(rt)
-                desired = _desired(spec, backlog, running)
-                if desired > current:
-                    low_since = None
+    while not stopped:
+        try:
+            retried, failed = await rt.queue.reap(pool.key, int(s.retry_backoff_seconds * 1000),
+                                                  int(s.retry_backoff_max_seconds * 1000))
+            if retried or failed:
+                metrics.LEASE_EXPIRIES.labels(pool.key).inc(retried + failed)
+                metrics.RETRIES.labels(pool.key, "lease_expired").inc(retried)
+            pool = rt.pools.get(pool.key, pool)
+            spec = TriagePoolSpec.model_validate(pool.spec)
+            depth = await rt.queue.depth(pool.key)
+            running = depth.pop("running", 0)
+            backlog = sum(depth.values())
+            _export_queue(pool.key, depth, await rt.queue.oldest_queued_age(pool.key))
+            desired = _desired(spec, backlog, running)
+            if desired > current:
+                low_since = None
+                await apply_deployment(rt, pool, desired)
+                current = desired
+            elif desired < current:
+                low_since = low_since or loop.time()
+                if loop.time() - low_since >= s.scale_down_delay_seconds:
                     await apply_deployment(rt, pool, desired)
-                    current = desired
-                elif desired < current:
-                    low_since = low_since or loop.time()
-                    if loop.time() - low_since >= s.scale_down_delay_seconds:
-                        await apply_deployment(rt, pool, desired)
-                        current, low_since = desired, None
-                else:
-                    low_since = None
-                snapshot = (current, backlog, running)
-                if snapshot != last_status:
-                    last_status = snapshot
-                    with contextlib.suppress(ApiError):
-                        await rt.kube.merge_patch(triagepool_path(pool.namespace, pool.name, status=True), {
-                            "status": {"replicas": current, "backlog": backlog, "running": running}})
-            except (OSError, ConnectionError, ApiError) as exc:
-                log.warning("pool %s loop: %s", pool.key, exc)
-            except Exception:
-                log.exception("pool %s loop failed; continuing", pool.key)
-            await stopped.wait(1.0)
-    finally:
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(consumer_task, timeout=5)
+                    current, low_since = desired, None
+            else:
+                low_since = None
+            snapshot = (current, backlog, running)
+            if snapshot != last_status:
+                last_status = snapshot
+                with contextlib.suppress(ApiError):
+                    await rt.kube.merge_patch(triagepool_path(pool.namespace, pool.name, status=True), {
+                        "status": {"replicas": current, "backlog": backlog, "running": running}})
+        except (OSError, ConnectionError, ApiError) as exc:
+            log.warning("pool %s loop: %s", pool.key, exc)
+        except Exception:
+            log.exception("pool %s loop failed; continuing", pool.key)
+        await stopped.wait(1.0)

@@ -12,28 +12,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import logging
 from typing import Any
 
-from kubetriage.api.contract import AnalysisRequest
-from kubetriage.api.models import FINISHED_PHASES, Phase, Verdict
-from kubetriage.api.summary import job_summary
-from kubetriage.api.timeutil import now, rfc3339
-from kubetriage.controller.admission import condition, patch_status
+from kubetriage.api.models import FINISHED_PHASES, Phase, TriageJobStatus, Verdict
+from kubetriage.api.timeutil import now
 from kubetriage.controller.runtime import Runtime
+from kubetriage.controller.status import (
+    cancel_running,
+    record_of_duplicate,
+    record_of_job,
+    record_of_queued,
+    schedule_running,
+    triaged,
+    us_time,
+    verdict_conditions,
+    write_status,
+)
 from kubetriage.infra import metrics
 from kubetriage.infra.kube import ApiError
 from kubetriage.infra.queue import Event
 from kubetriage.infra.sinks import SinkError, VerdictRecord
 
 log = logging.getLogger("kubetriage.controller.recording")
-
-
-
-def _us_time(us: int) -> str:
-    return rfc3339(dt.datetime.fromtimestamp(us / 1_000_000, dt.UTC))
 
 
 async def handle_batch(rt: Runtime, events: list[Event]) -> list[str]:
@@ -46,7 +48,7 @@ async def handle_batch(rt: Runtime, events: list[Event]) -> list[str]:
     finals: dict[str, Event] = {}
     for ev in events:
         if ev.type == "started":
-            _schedule_running(rt, ev)
+            schedule_running(rt, ev.uid, ev.us, ev.attempt)
             done.append(ev.id)
         elif ev.type in ("result", "failed"):
             if ev.uid in finals:  # a replayed duplicate inside one batch: the first one wins
@@ -89,40 +91,12 @@ async def handle_batch(rt: Runtime, events: list[Event]) -> list[str]:
     return done
 
 
-def _schedule_running(rt: Runtime, ev: Event) -> None:
-    loop = asyncio.get_running_loop()
-    old = rt.running_timers.pop(ev.uid, None)
-    if old:
-        old.cancel()
-
-    def fire() -> None:
-        rt.running_timers.pop(ev.uid, None)
-        task = loop.create_task(_write_running(rt, ev))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-    rt.running_timers[ev.uid] = loop.call_later(rt.settings.running_status_delay_seconds, fire)
-
-
-_background: set[asyncio.Task[None]] = set()
-
-
-async def _write_running(rt: Runtime, ev: Event) -> None:
-    job = await rt.queue.job(ev.uid)
-    if not job or job.get("state") != "leased" or rt.phases.get(ev.uid) in FINISHED_PHASES:
-        return
-    with contextlib.suppress(ApiError):
-        await patch_status(rt, job["ns"], job["name"], {
-            "phase": Phase.RUNNING.value, "startedAt": _us_time(ev.us), "attempts": ev.attempt,
-        })
-
-
 @dataclasses.dataclass
 class _Plan:
     ev: Event
     ns: str
     name: str
-    status: dict[str, Any]
+    status: TriageJobStatus  # the terminal write; a verdict's conditions are added once the database answered
     record: VerdictRecord | None
     recorded: bool = False
     failure: str = "attempts_exhausted"
@@ -130,72 +104,47 @@ class _Plan:
 
 def _plan(ev: Event, job: dict[str, str]) -> _Plan:
     ns, name = job["ns"], job["name"]
-    payload = json.loads(job.get("payload") or "{}")
     started = int(job.get("started_us") or ev.us)
-    status: dict[str, Any] = {
-        "attempts": ev.attempt, "startedAt": _us_time(started), "completedAt": rfc3339(now()), "message": None,
-    }
+    common: dict[str, Any] = {"attempts": ev.attempt, "started_at": us_time(started), "completed_at": now(),
+                              "message": None}
     if ev.type == "result":
         try:
             verdict = Verdict.model_validate_json(ev.body)
         except ValueError as exc:  # a worker of another version: fail the job clearly, never replay forever
             reason = f"the worker sent an invalid verdict: {exc}"[:2000]
-            status.update({"phase": Phase.FAILED.value, "message": reason,
-                           "conditions": [condition("Triaged", "False", "InvalidVerdict", reason, None)]})
-            return _Plan(ev, ns, name, status, None, failure="invalid_verdict")
-        status.update({"phase": Phase.SUCCEEDED.value, "verdict": verdict.wire()})
-        return _Plan(ev, ns, name, status, _record(ev.uid, name, ns, payload, verdict, job, ev.attempt))
-    status.update({
-        "phase": Phase.FAILED.value, "message": f"gave up after {ev.attempt} attempt(s): {ev.body}"[:4096],
-        "conditions": [condition("Triaged", "False", "AttemptsExhausted", ev.body, None)],
-    })
-    return _Plan(ev, ns, name, status, None)
+            failed = TriageJobStatus(**{**common, "phase": Phase.FAILED, "message": reason,
+                                        "conditions": triaged(False, "InvalidVerdict", reason)})
+            return _Plan(ev, ns, name, failed, None, failure="invalid_verdict")
+        succeeded = TriageJobStatus(**common, phase=Phase.SUCCEEDED, verdict=verdict)
+        return _Plan(ev, ns, name, succeeded, record_of_queued(ev.uid, job, verdict, ev.attempt))
+    failed = TriageJobStatus(**{**common, "phase": Phase.FAILED,
+                                "message": f"gave up after {ev.attempt} attempt(s): {ev.body}"[:4096],
+                                "conditions": triaged(False, "AttemptsExhausted", ev.body)})
+    return _Plan(ev, ns, name, failed, None)
 
 
 async def _write_plan(rt: Runtime, pl: _Plan) -> None:
-    ev, status = pl.ev, pl.status
-    succeeded = pl.record is not None
-    if pl.record is not None:
-        verdict = pl.record.verdict
-        status["recorded"] = pl.recorded
-        status["conditions"] = [
-            condition("Triaged", "True", "Succeeded", verdict.reason[:200], None),
-            condition("Recorded", "True" if pl.recorded else "False",
-                      "Recorded" if pl.recorded else "DatabaseUnavailable",
-                      "verdict in the database" if pl.recorded else "retrying the database write", None),
-        ]
+    ev, done = pl.ev, pl.status
+    verdict = pl.record.verdict if pl.record is not None else None
+    if verdict is not None:
+        done.recorded = pl.recorded  # assignment marks the field set: it goes into the patch
+        done.conditions = verdict_conditions(verdict, pl.recorded)
         event = ("Triaged", f"{verdict.classification} ({verdict.confidence:.2f}) by {verdict.analyzer}: "
                  f"{verdict.reason}", "Normal")
     else:
-        event = ("TriageFailed", status["message"], "Warning")
-    handle_ = rt.running_timers.pop(ev.uid, None)
-    if handle_:
-        handle_.cancel()
+        event = ("TriageFailed", done.message or "", "Warning")
+    cancel_running(rt, ev.uid)
     if rt.phases.get(ev.uid) not in FINISHED_PHASES:  # a replay of something already recorded writes nothing
-        if succeeded:
+        if verdict is not None:
             metrics.VERDICTS.labels(verdict.classification, verdict.analyzer, verdict.check_type).inc()
         else:
             metrics.JOBS_FAILED.labels(pl.failure).inc()
-        alive = await patch_status(rt, pl.ns, pl.name, status)
-        rt.phases[ev.uid] = status["phase"]
+        alive = await write_status(rt, pl.ns, pl.name, done)
+        rt.phases[ev.uid] = done.phase or ""
         if alive:
             with contextlib.suppress(ApiError):
                 await rt.kube.event({"metadata": {"name": pl.name, "namespace": pl.ns, "uid": ev.uid}}, *event)
-    await _resolve_duplicates(rt, f"{ev.uid}/{pl.name}", pl.name, status, succeeded)
-
-
-def _record(uid: str, name: str, ns: str, payload: dict[str, Any], verdict: Verdict, job: dict[str, str],
-            attempts: int) -> VerdictRecord:
-    source = payload.get("source") or {}
-    try:
-        summary = job_summary(AnalysisRequest.model_validate(payload)) or ""
-    except ValueError:
-        summary = ""
-    return VerdictRecord(
-        job_uid=uid, job_name=name, namespace=ns, source_type=source.get("type", "alert"),
-        source_id=source.get("id"), fingerprint=source.get("fingerprint"), verdict=verdict,
-        pool=job.get("pool"), priority_class=None, attempts=attempts, recorded_at=now(), summary=summary[:4096],
-    )
+    await _resolve_duplicates(rt, f"{ev.uid}/{pl.name}", pl.name, verdict)
 
 
 async def record_many_in_db(rt: Runtime, records: list[VerdictRecord]) -> dict[str, bool]:
@@ -231,26 +180,20 @@ async def record_in_db(rt: Runtime, record: VerdictRecord) -> bool:
         return False
 
 
-async def _resolve_duplicates(rt: Runtime, identity: str, primary_name: str, status: dict[str, Any],
-                              succeeded: bool) -> None:
-    if succeeded:
-        await rt.queue.remember_verdict(identity, json.dumps(status["verdict"]), rt.settings.dedup_window_seconds)
+async def _resolve_duplicates(rt: Runtime, identity: str, primary_name: str, verdict: Verdict | None) -> None:
+    """The primary finished: its waiting duplicates get its verdict (None: it failed, and so do they)."""
+    if verdict is not None:
+        await rt.queue.remember_verdict(identity, json.dumps(verdict.wire()), rt.settings.dedup_window_seconds)
     for raw in await rt.queue.take_duplicates(identity):
         dup = json.loads(raw)
-        if succeeded:
-            verdict = Verdict.model_validate(status["verdict"])
-            rec = VerdictRecord(
-                job_uid=dup["uid"], job_name=dup["name"], namespace=dup["ns"], source_type=dup.get("type") or "alert",
-                source_id=dup.get("id"), fingerprint=None, verdict=verdict, pool=None, priority_class=None,
-                attempts=0, recorded_at=now(), summary=(dup.get("summary") or "")[:4096],
-            )
-            recorded = await record_in_db(rt, rec)
-            patch = {"verdict": status["verdict"], "recorded": recorded,
-                     "conditions": [condition("Triaged", "True", "Duplicate", f"verdict of {primary_name}", None)]}
+        if verdict is not None:
+            recorded = await record_in_db(rt, record_of_duplicate(dup, verdict))
+            patch = TriageJobStatus(verdict=verdict, recorded=recorded,
+                                    conditions=triaged(True, "Duplicate", f"verdict of {primary_name}"))
         else:
-            patch = {"phase": Phase.FAILED.value, "message": f"duplicate of {primary_name}, which failed"}
+            patch = TriageJobStatus(phase=Phase.FAILED, message=f"duplicate of {primary_name}, which failed")
         with contextlib.suppress(ApiError):
-            await patch_status(rt, dup["ns"], dup["name"], patch)
+            await write_status(rt, dup["ns"], dup["name"], patch)
 
 
 async def retry_db_backlog(rt: Runtime) -> int:
@@ -263,11 +206,8 @@ async def retry_db_backlog(rt: Runtime) -> int:
         rt.db_backlog.pop(uid, None)
         metrics.DB_BACKLOG.set(len(rt.db_backlog))
         with contextlib.suppress(ApiError):
-            await patch_status(rt, record.namespace, record.job_name, {
-                "recorded": True,
-                "conditions": [condition("Triaged", "True", "Succeeded", record.verdict.reason[:200], None),
-                               condition("Recorded", "True", "Recorded", "verdict in the database", None)],
-            })
+            await write_status(rt, record.namespace, record.job_name, TriageJobStatus(
+                recorded=True, conditions=verdict_conditions(record.verdict, True)))
     return len(rt.db_backlog)
 
 
@@ -276,17 +216,9 @@ def backlog_from_status(rt: Runtime, body: dict[str, Any]) -> None:
     status = body.get("status") or {}
     if status.get("recorded") is not False or not status.get("verdict"):
         return
-    meta, spec = body["metadata"], body.get("spec") or {}
-    source = spec.get("source") or {}
-    from kubetriage.controller.admission import spec_summary
-
-    rt.db_backlog.setdefault(meta["uid"], VerdictRecord(
-        job_uid=meta["uid"], job_name=meta["name"], namespace=meta["namespace"],
-        source_type=source.get("type", "alert"), source_id=source.get("id"), fingerprint=status.get("fingerprint"),
-        verdict=Verdict.model_validate(status["verdict"]), pool=status.get("pool"),
-        priority_class=status.get("priorityClassName"), attempts=int(status.get("attempts") or 0),
-        recorded_at=now(), summary=spec_summary(spec),
-    ))
+    uid = body["metadata"]["uid"]
+    if uid not in rt.db_backlog:
+        rt.db_backlog[uid] = record_of_job(body, Verdict.model_validate(status["verdict"]))
 
 
 async def consume(rt: Runtime, consumer: str, stop: asyncio.Event) -> None:

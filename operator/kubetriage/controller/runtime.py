@@ -16,7 +16,6 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from kubetriage.api.models import API_VERSION
-from kubetriage.api.timeutil import now, parse_time, rfc3339  # noqa: F401 - re-exported for the controller
 from kubetriage.infra.config import Settings
 from kubetriage.infra.kube import Kube
 from kubetriage.infra.queue import Queue

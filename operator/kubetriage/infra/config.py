@@ -73,6 +73,10 @@ class Settings(BaseModel):
     memory_min_similarity: float = Field(
         0.8, ge=0, le=1, description="Worker: how alike a past human-verdict case must be to be reused."
     )
+    identity_labels: str = Field(
+        "", description="Worker: comma-separated alert labels that name a target (default: namespace, job, "
+        "service, instance, target, host, node); from the pool's spec.analyzer.identityLabels."
+    )
     # ingest (HTTP endpoints for Alertmanager, script results and JUnit uploads; in the operator process)
     ingest_port: int = Field(8000, ge=0, le=65535, description="Ingest HTTP port (0 = off).")
     ingest_token: str = Field(
@@ -132,6 +136,11 @@ class Settings(BaseModel):
         return value
 
     @property
+    def identity_label_list(self) -> tuple[str, ...] | None:
+        """The pool's identity labels, or None for the default set."""
+        return tuple(_split(self.identity_labels)) or None
+
+    @property
     def ingest_namespaces(self) -> list[str]:
         """Where ``ingest_token`` may write; its first entry is the default (``ingest_namespace``)."""
         extra = [n for n in _split(self.ingest_allowed_namespaces) if n != self.ingest_namespace]
@@ -144,13 +153,6 @@ class Settings(BaseModel):
     @property
     def watched_namespaces(self) -> list[str]:
         return [n.strip() for n in self.namespaces.split(",") if n.strip()]
-
-    def env(self) -> dict[str, str]:
-        """The settings as environment variables (for worker pods and local processes)."""
-        out = {}
-        for name, value in self.model_dump().items():
-            out[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-        return out
 
 
 def _split(value: str) -> list[str]:

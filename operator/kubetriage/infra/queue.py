@@ -1,25 +1,45 @@
-"""The Redis dispatch path: per-pool priority queues, leases, retries, and the event stream.
+"""The Redis dispatch path: per-pool priority queues, leases, retries, the event stream, dedup and memory.
 
-Every state change is one Lua script, so a claim, a lease expiry or a report is
-atomic however many workers and operator replicas race. Redis is disposable:
-everything here can be rebuilt from the TriageJobs in Kubernetes
-(``Queue.epoch_ok`` tells the operator when it must).
+``Queue`` is the only code that touches Redis keys: every other module calls
+one of its methods, so key names and their contents are defined here once.
+Every state change of a job is one Lua script, so a claim, a lease expiry or a
+report is atomic however many workers and operator replicas race. Redis is
+disposable: everything here can be rebuilt from the TriageJobs in Kubernetes
+and the database (``Queue.epoch_ok`` tells the operator when it must).
 
-Keys, for a pool key ``P`` (``namespace/name``) and prefix ``kt``:
+Keys, for prefix ``kt``, a pool key ``P`` (``namespace/name``) and a job
+identity ``I`` (``{uid}/{name}``, so a duplicate's status can name its primary):
 
-- ``kt:job:{uid}``        hash: payload, pool, prio, score, ns, name, attempts, max, state, worker
-- ``kt:q:{P}:{prio}``     zset uid -> FIFO score (queue time, microseconds)
-- ``kt:prios:{P}``        zset of priority values that may have work (highest first)
-- ``kt:leases:{P}``       zset uid -> lease expiry (ms)
-- ``kt:delayed:{P}``      zset uid -> retry-after time (ms)
-- ``kt:wake:{P}``         list; one push per enqueue wakes one idle worker slot
-- ``kt:poolcfg:{P}``      hash: rate limit (jobs/s, burst) set by the operator
-- ``kt:bucket:{P}``       hash: token-bucket state
-- ``kt:events``           stream: started / result / failed, read by the operator's consumer group
-- ``kt:fp:{ns}:{fp}``     string: the primary job uid for a fingerprint, TTL = dedup window
-- ``kt:dups:{uid}``       set: duplicates waiting for the primary's verdict
-- ``kt:verdict:{uid}``    string: a finished primary's verdict, TTL = dedup window
-- ``kt:epoch``            string: present while the queues are complete
+- ``kt:job:{uid}``        hash: ``payload`` (the AnalysisRequest JSON), ``pool``, ``prio`` (the PriorityClass
+                          value), ``score`` (FIFO score, µs), ``ns``, ``name``, ``attempts`` (claims so far; a
+                          release gives one back), ``max`` (max attempts), ``state`` (queued, leased, delayed or
+                          reported), and once claimed ``worker`` (lease holder, empty after a release),
+                          ``started_us`` (last claim, µs) and after a failed attempt ``last_error``
+- ``kt:q:{P}:{prio}``     zset: uid -> FIFO score, the job's queuedAt in µs (kept across retries, hand-backs
+                          and rebuilds, so a job never loses its place)
+- ``kt:prios:{P}``        zset: priority value -> itself, the classes that may have work (a claim walks them
+                          highest first and drops the empty ones)
+- ``kt:leases:{P}``       zset: uid -> lease expiry (ms)
+- ``kt:delayed:{P}``      zset: uid -> time its retry is due (ms); a claim moves due ones back to their queue
+- ``kt:wake:{P}``         list of ``1``: one push per enqueue or hand-back, popped by an idle worker slot
+                          (trimmed to 4096 on enqueue)
+- ``kt:poolcfg:{P}``      hash: ``rate`` (jobs/s) and ``burst``, set by the operator; absent = no rate limit
+- ``kt:bucket:{P}``       hash: token-bucket state, ``tokens`` (float) and ``ts`` (last refill, ms)
+- ``kt:events``           stream (about 100k entries), read by the operator's consumer group ``operator``:
+                          ``type`` (started, result or failed), ``uid``, ``attempt``, ``us`` (µs), ``worker``
+                          (absent on failed), ``body`` (the verdict JSON of a result, the reason of a failure;
+                          absent on started)
+- ``kt:fp:{ns}:{fp}``     string: ``I`` of the primary job for a fingerprint, TTL = dedup window
+- ``kt:dups:{I}``         set: duplicates waiting for the primary's verdict, each a JSON object with ``ns``,
+                          ``name``, ``uid``, ``type``, ``id`` and ``summary`` (enough to record their verdict
+                          without reading them back), TTL = DUPLICATES_TTL_FACTOR x dedup window
+- ``kt:verdict:{I}``      string: a finished primary's verdict (status wire JSON, camelCase), TTL = dedup
+                          window; a human override replaces it and keeps the TTL
+- ``kt:memory``           list: human verdicts for the workers' memory analyzer (workers have no database),
+                          each a JSON object with ``text``, ``classification``, ``reason``, ``source``,
+                          ``check_type``, ``kind`` and ``subject``; oldest first, at most MEMORY_MAX
+- ``kt:epoch``            string: the identity of the operator that last rebuilt the queues; present while
+                          the queues are complete, absent after Redis lost its data
 """
 
 from __future__ import annotations
@@ -32,6 +52,12 @@ from typing import Any
 import redis.asyncio as aioredis
 
 EVENTS_GROUP = "operator"
+# Human verdicts kept for the memory analyzer: every worker holds them all in memory, and the operator
+# reads as many back from the database when Redis lost them.
+MEMORY_MAX = 20000
+# Duplicates wait for their primary's verdict longer than the dedup window: the primary may queue and
+# retry for a while after the window closed, and its verdict must still reach them.
+DUPLICATES_TTL_FACTOR = 4
 
 _CLAIM = """
 local prefix, pool = ARGV[1], ARGV[2]
@@ -202,6 +228,7 @@ return 1
 _DEDUP = """
 -- first job with a fingerprint inside the window is the primary; later ones attach to it
 local prefix, key, uid, ttl, member = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local dups_ttl = tonumber(ARGV[6])
 local ok = redis.call('SET', prefix..':fp:'..key, uid, 'NX', 'EX', ttl)
 if ok then return {'primary', uid} end
 local primary = redis.call('GET', prefix..':fp:'..key)
@@ -209,7 +236,7 @@ if primary == uid then return {'primary', uid} end
 local verdict = redis.call('GET', prefix..':verdict:'..primary)
 if verdict then return {'done', primary, verdict} end
 redis.call('SADD', prefix..':dups:'..primary, member)
-redis.call('EXPIRE', prefix..':dups:'..primary, ttl * 4)
+redis.call('EXPIRE', prefix..':dups:'..primary, dups_ttl)
 return {'duplicate', primary}
 """
 
@@ -243,11 +270,15 @@ def _event(eid: bytes, fields: dict[bytes, bytes]) -> Event:
     )
 
 
+def _duplicates_ttl(window_s: int) -> int:
+    return max(1, window_s) * DUPLICATES_TTL_FACTOR
+
+
 class Queue:
-    """Typed wrappers around the Lua scripts; one instance per process."""
+    """Typed wrappers around the Lua scripts and the other keys; one instance per process."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "kt") -> None:
-        self.r = client
+        self._redis = client
         self.prefix = prefix
         self._claim = client.register_script(_CLAIM)
         self._enqueue = client.register_script(_ENQUEUE)
@@ -259,7 +290,7 @@ class Queue:
         self._dedup = client.register_script(_DEDUP)
         self._update_payload = client.register_script(_UPDATE_PAYLOAD)
 
-    def k(self, *parts: str) -> str:
+    def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
     # ---------------------------------------------------------------- operator side
@@ -290,10 +321,10 @@ class Queue:
         return bool(await self._update_payload(args=[self.prefix, uid, body]))
 
     async def known(self, uid: str) -> bool:
-        return bool(await self.r.exists(self.k("job", uid)))
+        return bool(await self._redis.exists(self._key("job", uid)))
 
     async def job(self, uid: str) -> dict[str, str]:
-        raw = await self.r.hgetall(self.k("job", uid))
+        raw = await self._redis.hgetall(self._key("job", uid))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def remove(self, uid: str) -> None:
@@ -302,16 +333,16 @@ class Queue:
     async def remove_many(self, uids: list[str]) -> None:
         if not uids:
             return
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self._redis.pipeline(transaction=False)
         for uid in uids:
             await self._remove(args=[self.prefix, uid], client=pipe)
         await pipe.execute()
 
     async def jobs(self, uids: list[str]) -> dict[str, dict[str, str]]:
         """Many job hashes in one round trip (missing ones are left out)."""
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self._redis.pipeline(transaction=False)
         for uid in uids:
-            pipe.hgetall(self.k("job", uid))
+            pipe.hgetall(self._key("job", uid))
         out = {}
         for uid, raw in zip(uids, await pipe.execute(), strict=True):
             if raw:
@@ -319,28 +350,79 @@ class Queue:
         return out
 
     async def dedup(
-        self, namespace: str, fingerprint: str, uid: str, member: str, window_s: int
+        self, namespace: str, fingerprint: str, identity: str, member: str, window_s: int
     ) -> tuple[str, str, str]:
-        """('primary'|'duplicate'|'done', primary uid, verdict JSON when done)."""
-        res = await self._dedup(args=[self.prefix, f"{namespace}:{fingerprint}", uid, str(window_s), member])
+        """('primary'|'duplicate'|'done', primary identity, verdict JSON when done).
+
+        The first job with a fingerprint inside the window is the primary; a later
+        one is added to the primary's duplicates, or gets its verdict at once
+        when the primary is already done. ``identity`` is ``uid/name``, ``member``
+        the JSON a duplicate is remembered by (see the module docstring).
+        """
+        res = await self._dedup(args=[self.prefix, f"{namespace}:{fingerprint}", identity, str(window_s), member,
+                                      str(_duplicates_ttl(window_s))])
         parts = [p.decode() if isinstance(p, bytes) else p for p in res]
         return parts[0], parts[1], parts[2] if len(parts) > 2 else ""
 
-    async def take_duplicates(self, primary_uid: str) -> list[str]:
-        key = self.k("dups", primary_uid)
-        pipe = self.r.pipeline(transaction=True)
+    async def add_duplicate(self, primary: str, member: str, window_s: int) -> None:
+        """Attach a duplicate to its primary again (Redis lost the set): it gets the primary's verdict."""
+        key = self._key("dups", primary)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.sadd(key, member)
+        pipe.expire(key, _duplicates_ttl(window_s))
+        await pipe.execute()
+
+    async def take_duplicates(self, primary: str) -> list[str]:
+        """The primary is done: its waiting duplicates, removed so that each is resolved once."""
+        key = self._key("dups", primary)
+        pipe = self._redis.pipeline(transaction=True)
         pipe.smembers(key)
         pipe.delete(key)
         members, _ = await pipe.execute()
         return sorted(m.decode() for m in members)
 
-    async def remember_verdict(self, primary_uid: str, verdict_json: str, window_s: int) -> None:
-        await self.r.set(self.k("verdict", primary_uid), verdict_json, ex=max(1, window_s))
+    async def remember_verdict(self, primary: str, verdict_json: str, window_s: int) -> None:
+        """A primary's verdict, for later duplicates inside the dedup window."""
+        await self._redis.set(self._key("verdict", primary), verdict_json, ex=max(1, window_s))
+
+    async def replace_remembered_verdict(self, primary: str, verdict_json: str) -> bool:
+        """A human overrode the primary: later duplicates get that verdict. False when none is remembered.
+
+        The expiry is kept: the window runs from the primary's verdict, not from the override.
+        """
+        return bool(await self._redis.set(self._key("verdict", primary), verdict_json, xx=True, keepttl=True))
+
+    async def publish_human_cases(self, *cases: str) -> None:
+        """Append human-verdict cases (JSON) to the memory list, keeping only the newest MEMORY_MAX."""
+        if not cases:
+            return
+        key = self._key("memory")
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.rpush(key, *cases)
+        pipe.ltrim(key, -MEMORY_MAX, -1)
+        await pipe.execute()
+
+    async def memory_seeded(self) -> bool:
+        """Whether the memory list exists; absent after Redis lost its data (or on a new install)."""
+        return bool(await self._redis.exists(self._key("memory")))
+
+    async def memory_version(self) -> tuple[int, bytes | None]:
+        """Changes whenever a case is published: the length alone stops changing once the list is full."""
+        key = self._key("memory")
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.llen(key)
+        pipe.lindex(key, -1)
+        size, newest = await pipe.execute()
+        return int(size), newest
+
+    async def memory_cases(self) -> list[bytes]:
+        """Every human-verdict case of the memory list, oldest first (raw JSON)."""
+        return list(await self._redis.lrange(self._key("memory"), 0, -1))
 
     async def reap(self, pool: str, base_backoff_ms: int, cap_backoff_ms: int, limit: int = 500) -> tuple[int, int]:
         """Expired leases -> retry with backoff, or failed. Returns (retried, failed)."""
         now_ms = int(time.time() * 1000)
-        expired = await self.r.zrangebyscore(self.k("leases", pool), "-inf", now_ms, start=0, num=limit)
+        expired = await self._redis.zrangebyscore(self._key("leases", pool), "-inf", now_ms, start=0, num=limit)
         retried = failed = 0
         for raw in expired:
             uid = raw.decode()
@@ -353,38 +435,38 @@ class Queue:
         return retried, failed
 
     async def set_pool_config(self, pool: str, jobs_per_second: float | None, burst: int | None) -> None:
-        key = self.k("poolcfg", pool)
+        key = self._key("poolcfg", pool)
         if jobs_per_second:
             burst = burst or max(1, int(jobs_per_second))
-            await self.r.hset(key, mapping={"rate": str(jobs_per_second), "burst": str(burst)})
+            await self._redis.hset(key, mapping={"rate": str(jobs_per_second), "burst": str(burst)})
         else:
-            await self.r.delete(key)
+            await self._redis.delete(key)
 
     async def depth(self, pool: str) -> dict[str, int]:
         """Queued jobs per priority value, plus 'delayed' and 'running'."""
         out: dict[str, int] = {}
-        prios = await self.r.zrevrange(self.k("prios", pool), 0, -1)
+        prios = await self._redis.zrevrange(self._key("prios", pool), 0, -1)
         for p in prios:
-            n = await self.r.zcard(self.k("q", pool, p.decode()))
+            n = await self._redis.zcard(self._key("q", pool, p.decode()))
             if n:
                 out[p.decode()] = n
-        out["delayed"] = await self.r.zcard(self.k("delayed", pool))
-        out["running"] = await self.r.zcard(self.k("leases", pool))
+        out["delayed"] = await self._redis.zcard(self._key("delayed", pool))
+        out["running"] = await self._redis.zcard(self._key("leases", pool))
         return out
 
     async def oldest_queued_age(self, pool: str) -> dict[str, float]:
         """Seconds the oldest queued job of each priority has waited."""
         now_us = time.time() * 1e6
         out = {}
-        for p in await self.r.zrevrange(self.k("prios", pool), 0, -1):
-            first = await self.r.zrange(self.k("q", pool, p.decode()), 0, 0, withscores=True)
+        for p in await self._redis.zrevrange(self._key("prios", pool), 0, -1):
+            first = await self._redis.zrange(self._key("q", pool, p.decode()), 0, 0, withscores=True)
             if first:
                 out[p.decode()] = max(0.0, (now_us - first[0][1]) / 1e6)
         return out
 
     async def ensure_group(self) -> None:
         try:
-            await self.r.xgroup_create(self.k("events"), EVENTS_GROUP, id="0", mkstream=True)
+            await self._redis.xgroup_create(self._key("events"), EVENTS_GROUP, id="0", mkstream=True)
         except aioredis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -392,28 +474,28 @@ class Queue:
     async def read_events(self, consumer: str, count: int = 256, block_ms: int = 1000,
                           pending: bool = False) -> list[Event]:
         """New events for this consumer, or (pending=True) the ones it read but never acked."""
-        res = await self.r.xreadgroup(
-            EVENTS_GROUP, consumer, {self.k("events"): "0" if pending else ">"}, count=count,
+        res = await self._redis.xreadgroup(
+            EVENTS_GROUP, consumer, {self._key("events"): "0" if pending else ">"}, count=count,
             block=None if pending else block_ms,
         )
         return [_event(eid, fields) for _stream, entries in res or [] for eid, fields in entries]
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int = 256) -> list[Event]:
         """Events another consumer read but never acked (it died): take them over."""
-        res = await self.r.xautoclaim(self.k("events"), EVENTS_GROUP, consumer, min_idle_ms, "0-0", count=count)
+        res = await self._redis.xautoclaim(self._key("events"), EVENTS_GROUP, consumer, min_idle_ms, "0-0", count=count)
         entries = res[1] if res else []
         return [_event(eid, fields) for eid, fields in entries if fields]  # empty: deleted meanwhile
 
     async def ack(self, *event_ids: str) -> None:
         if event_ids:
-            await self.r.xack(self.k("events"), EVENTS_GROUP, *event_ids)
-            await self.r.xdel(self.k("events"), *event_ids)
+            await self._redis.xack(self._key("events"), EVENTS_GROUP, *event_ids)
+            await self._redis.xdel(self._key("events"), *event_ids)
 
     async def epoch_ok(self) -> bool:
-        return bool(await self.r.exists(self.k("epoch")))
+        return bool(await self._redis.exists(self._key("epoch")))
 
     async def set_epoch(self, value: str) -> None:
-        await self.r.set(self.k("epoch"), value)
+        await self._redis.set(self._key("epoch"), value)
 
     # ---------------------------------------------------------------- worker side
 
@@ -429,7 +511,7 @@ class Queue:
                        max_attempts=int(res[5] or 1), queued_us=int(float(res[6] or 0)))
 
     async def wait_for_work(self, pool: str, timeout_s: float) -> None:
-        await self.r.blpop([self.k("wake", pool)], timeout=timeout_s)
+        await self._redis.blpop([self._key("wake", pool)], timeout=timeout_s)
 
     async def heartbeat(self, uid: str, worker: str, lease_ms: int) -> bool:
         """False when the lease is gone (expired and requeued, or the job was deleted)."""

@@ -49,7 +49,7 @@ class Worker:
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.rules = RulesAnalyzer()
         self.memory: MemoryAnalyzer | None = None
-        self._memory_size = -1
+        self._memory_version: tuple[int, bytes | None] | None = None
         self.llm: LLMAnalyzer | None = None
         self.vision: VisionAnalyzer | None = None
         llm = dict(base_url=settings.llm_base_url, api_key=settings.llm_api_key,
@@ -70,19 +70,18 @@ class Worker:
 
     async def refresh_memory(self) -> None:
         """Rebuild the memory analyzer when the operator published new human verdicts (Redis, not a database)."""
-        key = self.queue.k("memory")
-        size = await self.redis.llen(key)
-        if size == self._memory_size:
+        version = await self.queue.memory_version()
+        if version == self._memory_version:
             return
         cases = []
-        for raw in await self.redis.lrange(key, 0, -1):
+        for raw in await self.queue.memory_cases():
             try:
                 cases.append(MemoryCase.model_validate_json(raw))
             except ValueError:
                 continue  # one bad entry must not cost the whole memory
         threshold = self.s.memory_min_similarity
         self.memory = await asyncio.to_thread(MemoryAnalyzer, cases, min_similarity=threshold) if cases else None
-        self._memory_size = size
+        self._memory_version = version
         log.info("memory analyzer: %d human verdict case(s)", len(cases))
 
     async def _memory_loop(self) -> None:
@@ -94,11 +93,16 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), 5)
 
+    def context(self, request: AnalysisRequest) -> AnalysisContext:
+        """What the analyzers may consult besides the request: the pool's settings and the evidence."""
+        extra = {"identity_labels": self.s.identity_label_list} if self.s.identity_label_list else {}
+        return AnalysisContext(confidence_threshold=self.s.confidence_threshold,
+                               script_history=request.script_history, evidence=list(request.evidence), **extra)
+
     async def analyse(self, job: Claimed) -> Verdict:
         """Offline analyzers first, then the LLM; on the last attempt a dead LLM falls back to offline."""
         request = AnalysisRequest.model_validate({**job.payload, "attempt": job.attempt})
-        context = AnalysisContext(confidence_threshold=self.s.confidence_threshold,
-                                  script_history=request.script_history)
+        context = self.context(request)
         if self.s.analyzer_chain != "auto" and request.analyzer == "auto":
             request = request.model_copy(update={"analyzer": self.s.analyzer_chain})
         passing = request.script_result is not None and request.script_result.success
@@ -112,7 +116,7 @@ class Worker:
             metrics.LLM_REQUESTS.labels(self.s.llm_model, "error").inc()
             if request.analyzer != "auto" or job.attempt < job.max_attempts:
                 raise  # retried with backoff; an explicitly requested LLM never silently becomes rules
-            verdict = await run_offline_chain(request, context, self.offline)
+            verdict = await run_offline_chain(request, self.context(request), self.offline)
             note = f" [LLM unavailable after {job.attempt} attempt(s): {exc}]"
             return verdict.model_copy(update={"reason": (verdict.reason + note)[:4096]})
         if verdict.model and verdict.analyzer in ("llm", "vision"):
