@@ -516,12 +516,23 @@ async def test_assertion_on_stable_history_stays_valid_and_gains_confidence() ->
 # --------------------------------------------------------------------------- flakiness
 
 
-async def test_passed_and_failed_on_the_same_commit_is_flaky() -> None:
-    v = await rules(
-        script_request(error_message="Error: page crashed", commit="3f9c2ab", history=history(True, commit="3f9c2ab"))
-    )
+async def test_failed_then_passed_again_on_the_same_commit_is_flaky() -> None:
+    v = await rules(script_request(error_message="Error: page crashed", commit="3f9c2ab",
+                                   history=history(False, True, commit="3f9c2ab")))
     assert v is not None and v.classification == FP and v.confidence == pytest.approx(0.85)
-    assert "passed and failed on the same commit 3f9c2ab (passed 1, failed 1 times on that commit)" in v.reason
+    assert "passed and failed on the same commit 3f9c2ab (passed 1, failed 2 times on that commit" in v.reason
+    assert "passed again after failing" in v.reason and v.title == "flaky test"
+
+
+async def test_passes_that_all_came_before_the_failure_only_hint_at_flakiness() -> None:
+    """A live environment that broke passes on the same commit until it breaks: not proof of a flake."""
+    v = await rules(script_request(error_message="Error: page crashed", commit="3f9c2ab",
+                                   history=history(True, commit="3f9c2ab")))
+    assert v is not None and v.confidence == pytest.approx(0.6) and v.title == "passed before on this commit"
+    assert "may have broken rather than flaked" in v.reason
+    chained = await run_offline_chain(script_request(error_message="Error: page crashed", commit="3f9c2ab",
+                                                     history=history(True, commit="3f9c2ab")), ctx())
+    assert chained.classification == INCONCLUSIVE
 
 
 async def test_different_commits_are_not_same_commit_flakiness() -> None:
@@ -579,14 +590,18 @@ async def test_assertion_on_flaky_history_is_false_positive() -> None:
     assert "against" in v.reason and "assertion failure" in v.reason
 
 
-async def test_infra_pattern_and_flaky_history_reinforce() -> None:
-    infra = await rules(script_request(error_message=PLAYWRIGHT_TIMEOUT))
-    flaky = await rules(script_request(commit="3f9c2ab", history=history(True, commit="3f9c2ab")))
-    both = await rules(
-        script_request(error_message=PLAYWRIGHT_TIMEOUT, commit="3f9c2ab", history=history(True, commit="3f9c2ab"))
-    )
-    assert infra is not None and flaky is not None and both is not None
-    assert both.classification == FP and both.confidence > max(infra.confidence, flaky.confidence)
+async def test_explanations_reinforce_but_an_unreachable_target_adds_nothing() -> None:
+    """Two explanations (a tooling failure, a flaky history) reinforce; a timeout reaching the system under
+    test may be the outage itself, so it never adds weight to an explanation."""
+    tooling, disk = "npm ERR! code ENOSPC", "3f9c2ab"
+    alone = await rules(script_request(error_message=tooling))
+    flaky = await rules(script_request(commit=disk, history=history(True, commit=disk)))
+    both = await rules(script_request(error_message=tooling, commit=disk, history=history(True, commit=disk)))
+    assert alone is not None and flaky is not None and both is not None
+    assert both.classification == FP and both.confidence > max(alone.confidence, flaky.confidence)
+    with_timeout = await rules(
+        script_request(error_message=PLAYWRIGHT_TIMEOUT, commit=disk, history=history(True, commit=disk)))
+    assert with_timeout is not None and with_timeout.confidence == pytest.approx(flaky.confidence)
 
 
 async def test_infra_pattern_on_consistently_failing_history_leans_less() -> None:
@@ -679,7 +694,8 @@ def test_evidence_findings_from_history_apply_to_their_own_kind_of_job() -> None
     flaky = Evidence(source="history", value={"same_commit_runs": 4, "same_commit_passes": 2})
     regression = Evidence(source="history", value={"same_commit_runs": 3, "same_commit_passes": 0,
                                                    "default_branch_runs": 20, "default_branch_failures": 1})
-    assert titles(evidence_findings(script_request(), [flaky])) == {"flaky test": (FP, 0.7, True)}
+    # Counts carry no order: the passes may predate a break, so only a hint (below the threshold).
+    assert titles(evidence_findings(script_request(), [flaky])) == {"passed before on this commit": (FP, 0.6, True)}
     assert titles(evidence_findings(script_request(), [regression])) == {"regression": (VALID, 0.75, True)}
     assert evidence_findings(alert_request(), [flaky]) == []
 
@@ -782,7 +798,8 @@ def fixed(name: str, classification: Classification, confidence: float) -> Fixed
     return FixedAnalyzer(name, verdict_from_classification(classification, f"{name} says so", confidence, name))
 
 
-FLAKY_SCRIPT = {"error_message": "Error: page crashed", "commit": "3f9c2ab", "history": history(True, commit="3f9c2ab")}
+FLAKY_SCRIPT = {"error_message": "Error: page crashed", "commit": "3f9c2ab",
+                "history": history(False, True, commit="3f9c2ab")}
 FLAPPING = {"severity": "warning", "labels": {"flaps_last_hour": "9"}}
 
 
@@ -801,17 +818,28 @@ async def test_chain_returns_a_confident_rules_verdict_unchanged_but_calibrated(
 async def test_chain_below_threshold_is_inconclusive_with_the_facts_and_no_lean() -> None:
     # Was: "below confidence threshold 0.70: leaned false_positive at 0.65" with confidence 0.65. An
     # uncalibrated lean pointed the wrong way in 8 of 11 cases (issue 10): the facts stay, the lean goes.
-    v = await run_offline_chain(script_request(error_message=PLAYWRIGHT_TIMEOUT), ctx())
+    v = await run_offline_chain(script_request(error_message="npm ERR! request to registry failed, reason: "
+                                                             "ECONNRESET; Error: page crashed",
+                                               commit="3f9c2ab", history=history(True, commit="3f9c2ab")), ctx())
     assert v.classification == INCONCLUSIVE and v.discard is False
     assert v.confidence == 0.0 and v.analyzer == "rules"
-    assert "TimeoutError" in v.reason and "threshold 0.70" in v.reason
+    assert "ECONNRESET" in v.reason and "threshold 0.70" in v.reason
     assert "leaned" not in v.reason and "lean" not in v.reason and "0.60" not in v.reason
     assert "false_positive" not in v.reason and "valid" not in v.reason
 
 
 async def test_chain_honours_a_lower_threshold() -> None:
-    v = await run_offline_chain(script_request(error_message=PLAYWRIGHT_TIMEOUT), ctx(confidence_threshold=0.6))
+    request = script_request(error_message="Error: page crashed", commit="3f9c2ab",
+                             history=history(True, commit="3f9c2ab"))  # "passed before on this commit": 0.6
+    assert (await run_offline_chain(request, ctx())).classification == INCONCLUSIVE
+    v = await run_offline_chain(request, ctx(confidence_threshold=0.6))
     assert v.classification == FP and v.discard is True
+
+
+async def test_an_unreachable_system_under_test_never_explains_a_failure_away() -> None:
+    """A timeout may be the product being down: even at a threshold it reaches, it is not an explanation."""
+    v = await run_offline_chain(script_request(error_message=PLAYWRIGHT_TIMEOUT), ctx(confidence_threshold=0.6))
+    assert v.classification == INCONCLUSIVE and "nothing found explains" in v.reason
 
 
 async def test_chain_with_nothing_to_say_is_inconclusive_zero() -> None:
@@ -919,3 +947,22 @@ def test_may_decide_alone_binds_only_the_rules_analyzer() -> None:
     assert not chain_module._may_decide_alone(confident, llm_follows=True)
     for other in ("memory", "team-rule", "llm"):
         assert chain_module._may_decide_alone(confident.model_copy(update={"analyzer": other}), llm_follows=True)
+
+
+@pytest.mark.parametrize("message", [
+    "npm ERR! code ENOTFOUND\nnpm ERR! network request to https://registry.example/react failed",
+    "fatal: unable to access 'https://git.example/shop.git/': Could not resolve host: git.example",
+    "[ERROR] Could not transfer artifact org.example:lib:jar:1.0 from/to central: Read timed out",
+    'go: example.com/lib@v1.2.3: Get "https://proxy.example/example.com/lib/@v/v1.2.3.zip": dial tcp: i/o timeout',
+    'Error: looks like "https://charts.example" is not a valid chart repository or cannot be reached',
+])
+async def test_a_failed_dependency_download_is_the_ci_not_the_product(message: str) -> None:
+    """The build could not fetch its own dependencies: tooling, which explains the failure away."""
+    v = await run_offline_chain(script_request(error_message=message), ctx())
+    assert v.classification == FP and "dependency download failed" in v.reason
+
+
+async def test_a_product_url_that_cannot_be_reached_is_not_a_dependency_download() -> None:
+    message = "Error: page.goto: net::ERR_NAME_NOT_RESOLVED at https://shop.example/checkout"
+    v = await run_offline_chain(script_request(error_message=message), ctx())
+    assert v.classification == INCONCLUSIVE

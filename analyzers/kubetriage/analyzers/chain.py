@@ -71,7 +71,7 @@ async def run_offline_chain(
     signals = safety.assess(request, context)
     # Hints (a maintenance label, a weak supporting finding) never explain anything away on their own.
     payload = [f.reason for f in rules_module.findings(request, context)
-               if f.classification is Classification.FALSE_POSITIVE and f.standalone]
+               if f.classification is Classification.FALSE_POSITIVE and f.standalone and f.explains]
     guarded: Verdict | None = None
     found: list[Verdict] = []
     for i, analyzer in enumerate(selected):

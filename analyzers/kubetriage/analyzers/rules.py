@@ -65,6 +65,7 @@ CO_FIRING_SERVICES = 3
 BROKEN_STREAK = 3
 ASSERTION_CONFIDENCE = 0.65
 SAME_COMMIT_CONFIDENCE = 0.85
+SAME_COMMIT_UNRECOVERED = 0.6
 STABLE_HISTORY_SUPPORT = 0.4
 # What an assertion weighs against a flaky history: intermittent assertion
 # failures are exactly what flaky tests produce, so they barely contradict it.
@@ -81,6 +82,7 @@ HIGH_PRECISION: frozenset[str | None] = frozenset({
     "infrastructure: test tooling unavailable",  # 5 of 5
     "infrastructure: registry or package mirror limit",  # 2 of 2
     "infrastructure: runner out of disk",  # 1 of 1
+    "infrastructure: dependency download failed",  # 7 of 7
 })
 
 
@@ -93,6 +95,9 @@ class Finding:
     reason: str
     title: str
     standalone: bool = True
+    # False for a finding that is evidence but cannot explain a failure away (the system under test
+    # being unreachable may be the outage itself): the safety policy never counts it as an explanation.
+    explains: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,8 @@ class InfraPattern:
     category: str
     confidence: float
     regex: re.Pattern[str]
+    # The system under test could not be reached: evidence, never an explanation (it may be the outage).
+    reachability: bool = False
 
 
 def _rx(pattern: str, flags: int = 0) -> re.Pattern[str]:
@@ -139,6 +146,23 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
         ),
     ),
     InfraPattern(
+        # Fetching the build's own dependencies (package registries, git, module proxies, chart repos)
+        # failed: the network was the CI's problem, not the system under test's.
+        "dependency download failed",
+        TOOLING,
+        _rx(
+            r"\bnpm ERR! (?:network|code E(?:NOTFOUND|TIMEDOUT|CONNRESET|AI_AGAIN|CONNREFUSED))\b"
+            r"|There appears to be trouble with your network connection"
+            r"|\bfatal: unable to access '[a-z]{2,8}://"
+            r"|\bCould not (?:resolve dependencies for project|transfer artifact)\b"
+            r"|\bCould not resolve all (?:files|dependencies|artifacts) for configuration\b"
+            r"|\bgo: [\w./-]{1,200}@v[\w.+-]{1,60}: Get\b"
+            r"|is not a valid chart repository or cannot be reached"
+            r"|\bCould not fetch URL https?://|\bpip\._vendor\.urllib3\.exceptions\.\w{1,40}Error\b",
+            re.IGNORECASE,
+        ),
+    ),
+    InfraPattern(
         "test tooling unavailable",
         TOOLING,
         _rx(
@@ -158,6 +182,7 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
             r"|Temporary failure in name resolution|Could not resolve host|net::ERR_NAME_NOT_RESOLVED",
             re.IGNORECASE,
         ),
+        reachability=True,
     ),
     InfraPattern(
         "gateway / service unavailable (HTTP 502/503/504)",
@@ -168,6 +193,7 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
             r"|\bReceived:?[ \t]{0,10}50[234]\b",
             re.IGNORECASE,
         ),
+        reachability=True,
     ),
     InfraPattern(
         "connection reset / refused",
@@ -178,6 +204,7 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
             r"|\bsocket hang up\b",
             re.IGNORECASE,
         ),
+        reachability=True,
     ),
     InfraPattern(
         "timeout",
@@ -190,6 +217,7 @@ INFRA_PATTERNS: tuple[InfraPattern, ...] = (
             r"|\btimed out\b(?![ ]\d{1,9}[ ]?ms waiting for expect)",
             re.IGNORECASE,
         ),
+        reachability=True,
     ),
 )
 
@@ -527,13 +555,19 @@ def _history_findings(runs: Sequence[Run]) -> list[Finding]:
     for commit, outcomes in by_commit.items():
         if any(outcomes) and not all(outcomes):
             passes = sum(outcomes)
+            # Flaky means it failed and then passed again on the same code. Passes that all came before
+            # the failures are something else: a test of a live environment that broke, or a broken
+            # dependency; that only hints at flakiness.
+            recovered = any(not a and b for a, b in itertools.pairwise(outcomes))
             findings.append(
                 Finding(
                     FP,
-                    SAME_COMMIT_CONFIDENCE,
+                    SAME_COMMIT_CONFIDENCE if recovered else SAME_COMMIT_UNRECOVERED,
                     f"flaky: passed and failed on the same commit {_snippet(commit, 16)} "
-                    f"(passed {passes}, failed {len(outcomes) - passes} times on that commit)",
-                    "flaky test",
+                    f"(passed {passes}, failed {len(outcomes) - passes} times on that commit"
+                    + (", and passed again after failing)" if recovered else "; every pass came before the "
+                       "failures, so it may have broken rather than flaked)"),
+                    "flaky test" if recovered else "passed before on this commit",
                 )
             )
             break
@@ -591,6 +625,7 @@ def _text_findings(result: ScriptResult, flaky: bool) -> list[Finding]:
                     confidence,
                     f'infrastructure error ({pattern.category}): {source} matches "{_snippet(matched)}"{note}',
                     f"infrastructure: {pattern.category}",
+                    explains=not pattern.reachability,
                 )
             )
         if assertion and not infra:
@@ -637,6 +672,10 @@ def combine(findings: Sequence[Finding], analyzer: str = "rules") -> Verdict | N
         return None
     sides = {c: [f for f in findings if f.classification is c] for c in (FP, VALID)}
     scores = {c: _support(fs) for c, fs in sides.items()}
+    explaining = [f for f in sides[FP] if f.explains]
+    if explaining and len(explaining) < len(sides[FP]):
+        # An unreachable system under test may be the outage: it never adds to an explanation's weight.
+        scores[FP] = max(_support(explaining), max(f.confidence for f in sides[FP]))
     eligible = [c for c in (FP, VALID) if any(f.standalone for f in sides[c])]
     winner = max(eligible, key=lambda c: scores[c])
     loser = VALID if winner is FP else FP
@@ -698,7 +737,8 @@ def evidence_findings(request: AnalysisRequest, evidence: Sequence[Evidence]) ->
         runs = find(list(evidence), ScriptHistory)
         if runs is not None:
             if runs.same_commit_passes:
-                found.append(Finding(FP, 0.7, f"history: {runs.summary()}", "flaky test"))
+                # Counts without order: the passes may all predate a break, so only a hint of flakiness.
+                found.append(Finding(FP, 0.6, f"history: {runs.summary()}", "passed before on this commit"))
             elif runs.same_commit_runs >= 3 and runs.default_branch_runs \
                     and runs.default_branch_failures / runs.default_branch_runs <= 0.1:
                 found.append(Finding(VALID, 0.75, f"history: {runs.summary()}", "regression"))

@@ -20,13 +20,12 @@ import re2
 from kubetriage.api.contract import AnalysisContext, AnalysisRequest, TeamRule
 from kubetriage.api.models import Classification, Verdict, verdict_from_classification
 
+# One judgement of an expression for the operator (the rule's status) and the analyzers: defined in api,
+# re-exported here for the callers that read rules through this module (``kubetriage rule test``).
+from kubetriage.api.regex import compile_re2
+from kubetriage.api.regex import regex_problem as regex_problem
+
 RULE_REASON_MAX = 300
-_OPTIONS = re2.Options()
-_OPTIONS.log_errors = False  # a bad expression is reported on the rule, not as a C++ log line per worker
-
-
-def _compile(pattern: str) -> re2._Regexp:
-    return re2.compile(pattern, options=_OPTIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,19 +57,9 @@ class RuleHit:
 def compile_regex(pattern: str) -> re2._Regexp | None:
     """The compiled expression, or None when it does not compile (the rule then never matches)."""
     try:
-        return _compile(pattern)
+        return compile_re2(pattern)
     except re2.error:
         return None
-
-
-def regex_problem(pattern: str) -> str | None:
-    """Why an expression cannot be used, for the rule's status; None when it compiles."""
-    try:
-        _compile(pattern)
-    except re2.error as exc:
-        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
-        return f"errorRegex does not compile (RE2 syntax): {detail}"
-    return None
 
 
 def _utc(value: dt.datetime) -> dt.datetime:

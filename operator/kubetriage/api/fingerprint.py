@@ -1,4 +1,4 @@
-"""Dedup keys for TriageJobs that do not bring their own ``source.fingerprint``.
+"""Dedup keys: a fingerprint for TriageJobs that do not bring their own, and the scope it dedups in.
 
 Two alerts are "the same" when their name and identifying labels match; two
 script failures when the script, test case and the error text *with numbers,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from typing import Any
 
 # Labels that change between otherwise identical notifications.
@@ -51,3 +52,28 @@ def derive(spec: dict[str, Any]) -> str:
         h.update(b"\0" + str(sr.get("testCase", "")).encode())
         h.update(b"\0" + normalise_text(str(sr.get("errorMessage", ""))).encode())
     return "sha256:" + h.hexdigest()[:40]
+
+
+def dedup_scope(namespace: str, spec: dict[str, Any], identity_labels: Iterable[str]) -> str:
+    """Where a fingerprint counts: the namespace, the source type and the target's identity.
+
+    A fingerprint is only a caller's claim (``source.fingerprint`` is free to set), so two jobs are
+    duplicates only when they also share the namespace, the kind of source (an alert never inherits a
+    script result's verdict) and the identity of the target: the values of the identity labels for an
+    alert, the script and test case for a script result.
+    """
+    source = spec.get("source") or {}
+    kind = str(source.get("type") or "")
+    h = hashlib.sha256()
+    if kind == "alert":
+        alert = spec.get("alert") or {}
+        labels = alert.get("labels") or {}
+        h.update(str(alert.get("name", "")).encode())
+        for key in sorted(set(identity_labels)):
+            if key in labels:
+                h.update(f"\0{key}={labels[key]}".encode())
+        h.update(f"\0host={alert.get('host') or ''}".encode())
+    else:
+        sr = spec.get("scriptResult") or {}
+        h.update(f"{sr.get('scriptName', '')}\0{sr.get('testCase', '')}".encode())
+    return f"{namespace}:{kind}:{h.hexdigest()[:16]}"
