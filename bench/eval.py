@@ -340,7 +340,8 @@ async def evaluate(cases_paths: Path | Sequence[Path], limit: int | None = None,
         async with FakeLLM() as fake:
             fake.set_rule(FAKE_KEYWORDS, fallback=FAKE_FALLBACK, confidence=FAKE_CONFIDENCE)
             config = LLMConfig(base_url=fake.url, model="fake/keyword-rules", timeout_seconds=30, max_retries=1,
-                               backoff_initial_seconds=0.01, backoff_max_seconds=0.05)
+                               backoff_initial_seconds=0.01, backoff_max_seconds=0.05,
+                               allow_http=True, allow_private_endpoints=True)  # FakeLLM: http on loopback
             async with LLMAnalyzer(config) as llm:
                 await run_all(llm)
             llm_calls = len(fake.requests)

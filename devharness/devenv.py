@@ -51,16 +51,30 @@ def harness_id() -> str:
     return os.environ[HARNESS_ENV]
 
 
+def own_harness_id(name: str) -> str:
+    """A marker for the processes this program starts, nested under an inherited one (``parent/name-pid``).
+
+    ``make demo`` stops whatever carries its own marker when it ends; nesting keeps that sweep away from the
+    processes of whoever started it (a test session), while that session's check for leftovers still sees
+    the demo's (see :func:`leftover_processes`).
+    """
+    parent = os.environ.get(HARNESS_ENV)
+    own = f"{name}-{os.getpid()}-{int(time.time())}"
+    os.environ[HARNESS_ENV] = f"{parent}/{own}" if parent else own
+    return os.environ[HARNESS_ENV]
+
+
 def leftover_processes(marker: str) -> list[tuple[int, str]]:
-    """Processes (other than us) whose environment carries the harness marker."""
-    needle = f"{HARNESS_ENV}={marker}".encode()
+    """Processes (other than us) whose environment carries the harness marker, or one nested under it."""
+    prefix = f"{HARNESS_ENV}=".encode()
+    exact, nested = prefix + marker.encode(), prefix + marker.encode() + b"/"
     found = []
     me = os.getpid()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+            if not any(var == exact or var.startswith(nested) for var in (entry / "environ").read_bytes().split(b"\0")):
                 continue
             stat = (entry / "stat").read_text()
             if stat.rsplit(")", 1)[1].split()[0] == "Z":
@@ -69,6 +83,25 @@ def leftover_processes(marker: str) -> list[tuple[int, str]]:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
         found.append((int(entry.name), cmd.strip()))
+    return found
+
+
+def stop_marked(marker: str, grace: float = 10.0) -> list[tuple[int, str]]:
+    """SIGTERM every process carrying ``marker``, SIGKILL those still alive after ``grace`` seconds; who was found.
+
+    The last line of defence of a program that promises to stop everything it started: it also reaches
+    processes that left their process group (a child that called setsid) or whose parent already died.
+    """
+    found = leftover_processes(marker)
+    for pid, _ in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while leftover_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid, _ in leftover_processes(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return found
 
 
@@ -286,6 +319,8 @@ class ControlPlane:
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--disable-admission-plugins=ServiceAccount",
+            # on by default since 1.30; named so the chart's verdict policy is enforced whatever the defaults
+            "--enable-admission-plugins=ValidatingAdmissionPolicy",
             "--enable-priority-and-fairness=false",
             f"--audit-log-path={logs / 'audit.log'}",
             f"--audit-policy-file={self._audit_policy()}",
@@ -421,10 +456,14 @@ class Postgres:
     port: int = 0
     proc: Proc | None = None
     user: str | None = None
+    # The address to listen on; a real node's pods reach host services only on the node address.
+    host: str = "127.0.0.1"
+    # Extra pg_hba.conf lines (initdb's trusts loopback only), e.g. the node's pod range.
+    hba: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return f"postgresql://kubetriage@127.0.0.1:{self.port}/kubetriage"
+        return f"postgresql://kubetriage@{self.host}:{self.port}/kubetriage"
 
     def start(self) -> Postgres:
         postgres = _pg_bin("postgres")
@@ -439,20 +478,23 @@ class Postgres:
                                     "-E", "UTF8", "--no-sync"], self.root, user=self.user, cwd=self.root)
             if init.popen.wait(120) != 0:
                 raise DevEnvError(f"initdb failed:\n{init.tail()}")
+            if self.hba:
+                with open(data / "pg_hba.conf", "a") as fh:
+                    fh.write("".join(f"{line}\n" for line in self.hba))
         self.port = self.port or free_port()
         self.proc = spawn(f"postgres-{self.port}", [
-            postgres, "-D", str(data), "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root),
+            postgres, "-D", str(data), "-p", str(self.port), "-h", self.host, "-k", str(self.root),
             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
         ], self.root, user=self.user, cwd=self.root)
 
         def accepting() -> bool:
-            r = subprocess.run([_pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+            r = subprocess.run([_pg_bin("pg_isready"), "-h", self.host, "-p", str(self.port)],
                                capture_output=True)
             return r.returncode == 0
 
         wait_until(accepting, "postgres", self.proc, timeout=60, interval=0.2)
         if not getattr(self, "_created", False):
-            r = subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "kubetriage",
+            r = subprocess.run([_pg_bin("createdb"), "-h", self.host, "-p", str(self.port), "-U", "kubetriage",
                                 "kubetriage"], capture_output=True, text=True)
             if r.returncode != 0 and "already exists" not in r.stderr:
                 raise DevEnvError(f"createdb failed: {r.stderr}")
@@ -475,10 +517,11 @@ class Alertmanager:
     config: str
     port: int = 0
     proc: Proc | None = None
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> Alertmanager:
         binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -491,7 +534,7 @@ class Alertmanager:
         self.port = self.port or free_port()
         self.proc = spawn(f"alertmanager-{self.port}", [
             binary, f"--config.file={config}", f"--storage.path={self.root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=debug",
+            f"--web.listen-address={self.host}:{self.port}", "--cluster.listen-address=", "--log.level=warn",
         ], self.root)
         _wait_ready(self.url, "alertmanager", self.proc, timeout=30)
         return self
@@ -519,12 +562,22 @@ def temp_root(prefix: str = "kubetriage-") -> Iterator[Path]:
 
 @dataclass
 class Prometheus:
-    """Debian's prometheus on loopback scraping the given ``host:port`` targets every second."""
+    """Debian's prometheus on loopback scraping the given ``host:port`` targets every second.
+
+    ``rules``: a rule file's YAML (evaluated every second); ``alertmanagers``: ``host:port`` of the
+    Alertmanagers its alerts go to; ``backfill``: OpenMetrics samples written into the TSDB with
+    ``promtool tsdb create-blocks-from openmetrics`` before the start, so a series can have a past
+    (a condition that has held for an hour) in a test that runs for a minute. Alerts' generatorURL
+    points at this server (``--web.external-url``).
+    """
 
     root: Path
     targets: dict[str, list[str]]
     port: int = 0
     proc: Proc | None = None
+    rules: str = ""
+    alertmanagers: list[str] = field(default_factory=list)
+    backfill: str = ""
 
     @property
     def url(self) -> str:
@@ -533,16 +586,36 @@ class Prometheus:
     def start(self) -> Prometheus:
         binary = need_binary("prometheus", "prometheus")
         self.root.mkdir(parents=True, exist_ok=True)
+        data = self.root / "data"
+        if self.backfill and not data.exists():
+            source = self.root / "backfill.om"
+            source.write_text(self.backfill)
+            made = subprocess.run([need_binary("promtool", "prometheus"), "tsdb", "create-blocks-from",
+                                   "openmetrics", str(source), str(data)], capture_output=True, text=True)
+            if made.returncode != 0:
+                raise DevEnvError(f"promtool could not backfill: {made.stderr.strip()}")
         jobs = "".join(
             f"  - job_name: {job}\n    static_configs:\n      - targets: [{', '.join(repr(t) for t in targets)}]\n"
             for job, targets in self.targets.items()
         )
+        extra = ""
+        if self.rules:
+            (self.root / "rules.yml").write_text(self.rules)
+            extra += f"rule_files: [{str(self.root / 'rules.yml')!r}]\n"
+        if self.alertmanagers:
+            targets = ", ".join(repr(t) for t in self.alertmanagers)
+            extra += f"alerting:\n  alertmanagers:\n  - static_configs:\n    - targets: [{targets}]\n"
         config = self.root / "prometheus.yml"
-        config.write_text(f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}")
+        config.write_text(f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{extra}"
+                          f"scrape_configs:\n{jobs}")
         self.port = self.port or free_port()
+        # Alerts firing before the notifier has discovered its Alertmanagers (about 5 s after the start) are
+        # only sent again after the resend delay: 1 s instead of 1 min, so a test does not wait for it.
+        resend = ["--rules.alert.resend-delay=1s"] if self.alertmanagers else []
         self.proc = spawn(f"prometheus-{self.port}", [
-            binary, f"--config.file={config}", f"--storage.tsdb.path={self.root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
+            binary, f"--config.file={config}", f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{self.port}", f"--web.external-url={self.url}/", "--log.level=warn",
+            *resend,
         ], self.root)
         _wait_ready(self.url, "prometheus", self.proc, timeout=60)
         return self

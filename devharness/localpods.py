@@ -171,14 +171,17 @@ class LocalPods:
                     await self._stop(pod, self.grace.get(key, 30))
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.reconcile()
-            except Exception as exc:  # keep running through API hiccups, like the kubelet
-                log.warning("local pods: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
-        await self.stop_all()
+        try:
+            while not stop.is_set():
+                try:
+                    await self.reconcile()
+                except Exception as exc:  # keep running through API hiccups, like the kubelet
+                    log.warning("local pods: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.interval)
+        finally:
+            # also when cancelled: an interrupted `make demo` once left its workers running, orphaned
+            await self.stop_all()
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self._stop(p, self.grace.get(k, 30)) for k, ps in self.pods.items() for p in ps))

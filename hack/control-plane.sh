@@ -8,6 +8,9 @@
 #   3. a one-time build with Go from the pinned modules into that cache.
 # A warm run costs a few stat() calls; a cold build takes minutes on 2 cores.
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=hack/k8s-modules.sh
+. "$HERE/k8s-modules.sh"   # the staging-module replaces and version stamps hack/node.sh shares
 
 K8S_VERSION="${KUBETRIAGE_K8S_VERSION:-v1.35.8}"
 ETCD_VERSION="${KUBETRIAGE_ETCD_VERSION:-v3.6.16}"
@@ -47,22 +50,12 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 start=$(date +%s)
 
 log "cold build: Kubernetes $K8S_VERSION and etcd $ETCD_VERSION into $BIN_DIR (several minutes, once)"
-minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-staging="v0.${K8S_VERSION#v1.}"
-
+k8s_modules_init "$WORK" "$K8S_VERSION"
 cd "$WORK"
-if [[ ! -f go.mod ]]; then
-  go mod init kubetriage.local/controlplane >/dev/null 2>&1
-fi
-log "resolving k8s.io/kubernetes@$K8S_VERSION staging modules"
-modfile=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
-mapfile -t staged < <(grep -E '^\s+k8s\.io/\S+ v0\.0\.0$' "$modfile" | awk '{print $1}')
-log "replacing ${#staged[@]} staging modules with $staging"
-for m in "${staged[@]}"; do go mod edit -replace "$m=$m@$staging"; done
 log "downloading modules for kube-apiserver and kubectl"
 go get "k8s.io/kubernetes@$K8S_VERSION" >&2
 go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION" >&2
-ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+ldflags="$(k8s_ldflags "$K8S_VERSION")"
 log "compiling kube-apiserver and kubectl (the long part)"
 go build -trimpath -ldflags "$ldflags" -o "$STAGE/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl >&2
 log "kube-apiserver and kubectl built after $(( $(date +%s) - start ))s"

@@ -141,8 +141,11 @@ class FakeLLM:
         reject_response_format: bool = False,
         latency: float = 0.0,
         port: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.api_key = api_key
+        # A real node's pods reach host services on the node address only (devharness.node.NODE_IP).
+        self.host = host
         self.models = tuple(models)
         self.reject_response_format = reject_response_format
         self.latency = latency
@@ -171,7 +174,7 @@ class FakeLLM:
     @property
     def url(self) -> str:
         """The base URL a client configures, e.g. ``http://127.0.0.1:40123/v1``."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> FakeLLM:
         """Start serving in a background thread; returns once the port is bound."""
@@ -218,7 +221,7 @@ class FakeLLM:
         asyncio.set_event_loop(loop)
         try:
             self._server = loop.run_until_complete(
-                asyncio.start_server(self._serve, "127.0.0.1", self._port_wanted, limit=CHUNK)
+                asyncio.start_server(self._serve, self.host, self._port_wanted, limit=CHUNK)
             )
             self._port = self._server.sockets[0].getsockname()[1]
         except BaseException as exc:

@@ -58,7 +58,8 @@ class LocalHTTPServer:
             def do_GET(self) -> None:
                 with owner._lock:
                     owner.seen.append(Seen("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
-                    route = owner.routes.get(self.path)
+                    # the exact path and query first, then the path alone (an API called with varying parameters)
+                    route = owner.routes.get(self.path) or owner.routes.get(self.path.split("?", 1)[0])
                 if route is None:
                     route = Route(b"not found", 404, {"Content-Type": "text/plain"})
                 if route.delay:

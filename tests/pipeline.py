@@ -8,6 +8,7 @@ Deployments, Redis and the API server are the session's servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import Any
 from devharness import devenv, localrun
 from devharness.localpods import LocalPods
 from kubetriage.api.models import API_VERSION
-from kubetriage.infra.kube import ApiError, Kube, triagejob_path, triagepool_path
+from kubetriage.infra.kube import ApiError, Kube, triagejob_path, triagepool_path, triagerule_path
 from tests.waiting import eventually
 
 TERMINAL = {"Succeeded", "Failed"}
@@ -74,9 +75,10 @@ class Pipeline:
             "standalone": True, "lease_seconds": 3, "retry_backoff_seconds": 0.2, "scale_down_delay_seconds": 2,
             "worker_image": "kubetriage:test",
         }
+        namespaces = settings.pop("namespaces", self.ns)  # a test may watch more namespaces than its own
         return localrun.operator_env(
             kubeconfig=self.cluster.kubeconfig, redis_url=self.redis.url, database_url=self.database_url,
-            namespaces=self.ns, prefix=self.prefix, **{**defaults, **settings})
+            namespaces=namespaces, prefix=self.prefix, **{**defaults, **settings})
 
     def start_operator(self, name: str = "operator", *args: str, **settings: Any) -> devenv.Proc:
         proc = localrun.start_operator(self.root, self.operator_env(**settings), f"{name}-{self.ns}", *args)
@@ -105,9 +107,40 @@ class Pipeline:
     async def patch_pool(self, name: str, spec: dict[str, Any]) -> None:
         await self.kube.merge_patch(triagepool_path(self.ns, name), {"spec": spec})
 
-    async def job(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    async def job(self, name: str, spec: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
         body = {"apiVersion": API_VERSION, "kind": "TriageJob", "metadata": {"name": name}, "spec": spec}
-        return await self.kube.create(triagejob_path(self.ns), body)
+        return await self.kube.create(triagejob_path(namespace or self.ns), body)
+
+    async def rule(self, name: str, spec: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
+        body = {"apiVersion": API_VERSION, "kind": "TriageRule", "metadata": {"name": name}, "spec": spec}
+        return await self.kube.create(triagerule_path(namespace or self.ns), body)
+
+    async def wait_rule(self, name: str, accepted: bool = True, namespace: str | None = None) -> dict[str, Any]:
+        """The rule once the operator has judged its current generation (what ``kubectl wait
+        --for=condition=Accepted`` waits for); fails if it was judged the other way."""
+        path = triagerule_path(namespace or self.ns, name)
+
+        async def judged() -> dict[str, Any] | None:
+            rule = await self.kube.get(path)
+            st = rule.get("status") or {}
+            return rule if st.get("observedGeneration") == rule["metadata"]["generation"] else None
+
+        rule = await self.wait(judged, f"TriageRule {name} judged by the operator", timeout=60)
+        [cond] = [c for c in rule["status"]["conditions"] if c["type"] == "Accepted"]
+        assert cond["status"] == ("True" if accepted else "False"), cond
+        return rule
+
+    async def queued_payload(self, uid: str) -> dict[str, Any]:
+        """The request a worker will get for a queued job, as admission put it in Redis."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(self.redis.url)
+        try:
+            raw = await client.hget(f"{self.prefix}:job:{uid}", "payload")
+        finally:
+            await client.aclose()
+        assert raw, f"job {uid} is not queued in Redis"
+        return json.loads(raw)
 
     async def get(self, name: str) -> dict[str, Any]:
         return await self.kube.get(triagejob_path(self.ns, name))
@@ -164,6 +197,38 @@ class Pipeline:
             return [dict(r) for r in rows]
         finally:
             conn.close()
+
+
+def audit_events(log: Path) -> list[dict[str, Any]]:
+    """The API server's audit log, without a last line it may be writing right now."""
+    events = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
+
+
+def audited(log: Path, namespace: str, resource: str, name: str) -> bool:
+    """Whether the API server's audit log holds the completed write of that object."""
+    for ev in audit_events(log):
+        ref = ev.get("objectRef") or {}
+        if ev.get("stage") == "ResponseComplete" and (
+                ref.get("namespace"), ref.get("resource"), ref.get("name")) == (namespace, resource, name):
+            return True
+    return False
+
+
+async def flush_audit_log(p: Pipeline) -> Path:
+    """The audit log once every write made so far is in it.
+
+    The API server writes it in batches, in order: once a write made after all the others is in the
+    file, theirs are too.
+    """
+    log = p.cluster.root / "logs" / "audit.log"
+    marker = f"audit-marker-{uuid.uuid4().hex[:6]}"
+    p.cluster.kubectl("create", "configmap", marker, "-n", p.ns)
+    await p.wait(lambda: audited(log, p.ns, "configmaps", marker), "the marker in the audit log")
+    return log
 
 
 def started(job: dict[str, Any]) -> str:

@@ -125,7 +125,8 @@ async def test_alertmanager_webhooks_become_triagejobs_once_and_resolve(
     env, am = stack
     started = _now(-30)
     api_down = _alert("ApiDown", started, instance="api-1:443", severity="critical", job="blackbox")
-    payments = _alert("QueueBacklog", started, instance="mq-1", severity="warning", team="payments")
+    payments = _alert("QueueBacklog", started, instance="mq-1", severity="warning", team="payments",
+                      region="zürich-öst")
     await _post_alerts(am, [api_down, payments])
 
     jobs = await eventually(lambda: _jobs_in(env, {env.ns: 1, env.ns2: 1}), "one job per alert, routed by namespace")
@@ -141,6 +142,14 @@ async def test_alertmanager_webhooks_become_triagejobs_once_and_resolve(
     assert job["metadata"]["annotations"]["kubetriage.io/alert-group-key"].startswith("{}")
     (pjob,) = jobs[env.ns2]
     assert pjob["spec"]["priorityClassName"] == "kubetriage-p2" and pjob["metadata"]["name"].startswith("am-queueb")
+    # ingest computes the fingerprint from the labels (it does not trust the sender's) and gets Alertmanager's own,
+    # so the names of real alerts are what they were
+    async with httpx.AsyncClient() as client:
+        held = (await client.get(f"{am.url}/api/v2/alerts")).json()
+    sent = {a["labels"]["alertname"]: a["fingerprint"] for a in held}
+    for j, alertname in ((job, "ApiDown"), (pjob, "QueueBacklog")):
+        assert j["metadata"]["labels"][ALERT_FINGERPRINT_LABEL] == sent[alertname], (alertname, sent)
+        assert f"-{sent[alertname]}-" in j["metadata"]["name"]
 
     # Alertmanager re-sends (repeat_interval) and Prometheus re-posts the same alerts: nothing new
     seen = _deliveries()

@@ -39,9 +39,10 @@ import yaml
 from devharness import devenv, localrun
 from devharness.localpods import LocalPods
 from kubetriage.infra.config import Settings
-from kubetriage.infra.kube import ApiError, Kube, triagejob_path, triagepool_path
+from kubetriage.infra.kube import ApiError, Kube, triagejob_path, triagepool_path, triagerule_path
 from tests.conftest import CRDS, REPO
 from tests.pipeline import alert_spec, script_spec
+from tests.receiver import Receiver
 from tests.waiting import eventually
 
 CHART = REPO / "charts" / "kubetriage"
@@ -110,6 +111,25 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
 
 def kinds(docs: list[dict[str, Any]]) -> set[str]:
     return {d["kind"] for d in docs}
+
+
+def operator_cluster_role(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's ClusterRole: the one the chart binds (the others are the users' aggregated roles)."""
+    return find(docs, "ClusterRole", find(docs, "ClusterRoleBinding")["roleRef"]["name"])
+
+
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def aggregated_user_roles(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The chart's ClusterRoles for users, by the built-in role they aggregate into (view, edit, admin)."""
+    out = {}
+    for d in docs:
+        targets = [k.removeprefix(AGGREGATE) for k in d["metadata"]["labels"] if k.startswith(AGGREGATE)]
+        if d["kind"] == "ClusterRole" and targets:
+            assert len(targets) == 1, d["metadata"]
+            out[targets[0]] = d
+    return out
 
 
 def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -216,6 +236,20 @@ VALUE_SETS = [
     }, secrets={"kt-redis": {"url": "redis://:pw@redis.example:6379/0"},
                 "kt-db": {"dsn": "postgresql://kubetriage:pw@db.example/triage"},
                 "kt-llm": {"api-key": "sk-test"}, "kt-ingest": {"token": "t" * 32}}),
+    ValueSet("evidence-egress", {
+        "pools": [{"name": "default", "spec": {"priorityClassName": "kubetriage-p1", "evidence": {
+            "prometheus": {"url": "http://prometheus-operated.monitoring:9090", "allowHTTP": True,
+                           "allowPrivateEndpoints": True, "bearerTokenSecretRef": {"name": "prom", "key": "token"}},
+            "alertmanager": {"url": "https://alertmanager.monitoring:9093", "allowPrivateEndpoints": True,
+                             "basicAuth": {"username": {"name": "am", "key": "user"},
+                                           "password": {"name": "am", "key": "password"}},
+                             "tls": {"caConfigMapRef": {"name": "monitoring-ca", "key": "ca.crt"}}},
+            "timeoutSeconds": 3, "budgetSeconds": 8}}}],
+        "networkPolicy": {"enabled": True, "workerEgress": [
+            {"ports": [{"protocol": "TCP", "port": 443}]},
+            {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+             "ports": [{"protocol": "TCP", "port": 9090}, {"protocol": "TCP", "port": 9093}]}]},
+    }),
     ValueSet("prometheus-operator", {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                     "podMonitor": {"enabled": True},
@@ -304,6 +338,21 @@ def check_defaults(docs: list[dict[str, Any]], ns: str, team: str | None) -> Non
     assert {n: (p["value"], p["preemptionPolicy"]) for n, p in pcs.items()} == {
         "kubetriage-p1": (1000000, "Never"), "kubetriage-p2": (100000, "Never"), "kubetriage-p3": (10000, "Never")}
     assert not kinds(docs) & {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"}
+    # Users' roles: folded into the built-in view/edit/admin by aggregation, bound by the chart to nobody.
+    users = aggregated_user_roles(docs)
+    assert set(users) == {"view", "edit", "admin"}
+    bound = {d["roleRef"]["name"] for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")}
+    assert not bound & {r["metadata"]["name"] for r in users.values()}
+    grants = {k: {(res, verb) for rule in r["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+              for k, r in users.items()}
+    assert {verb for res, verb in grants["view"]} == {"get", "list", "watch"}
+    assert not [g for g in grants["edit"] if g[0] != "triagejobs"], "rules, pools and policies are for admins only"
+    assert {("triagerules", "create"), ("triagerules", "delete"), ("triagepools", "create"),
+            ("triagepolicies", "create"), ("triagepolicies", "delete")} <= grants["admin"]
+    assert ("triagepolicies", "list") in grants["view"]
+    # no TriagePolicy Secret listed: nothing mounted, and an empty allow-list
+    assert env["KUBETRIAGE_ACTIONS_SECRET_NAMESPACES"]["value"] == "{}"
+    assert not [v for v in dep["spec"]["template"]["spec"]["volumes"] if "secret" in v]
 
 
 def check_bundled_namespaced(docs: list[dict[str, Any]], ns: str, team: str | None) -> None:
@@ -316,7 +365,7 @@ def check_bundled_namespaced(docs: list[dict[str, Any]], ns: str, team: str | No
     assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering") == sorted([ns, team])
     roles = {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"}
     assert roles == {ns, team}
-    cluster_rules = find(docs, "ClusterRole")["rules"]
+    cluster_rules = operator_cluster_role(docs)["rules"]
     assert {r["resources"][0] for r in cluster_rules} == {"priorityclasses", "customresourcedefinitions", "namespaces"}
     policies = {d["metadata"]["name"].rsplit("-", 1)[1]: d for d in docs if d["kind"] == "NetworkPolicy"}
     assert set(policies) == {"workers", "operator", "redis"}
@@ -355,15 +404,28 @@ def check_prometheus(docs: list[dict[str, Any]], ns: str, team: str | None) -> N
     rules = find(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
     assert {r["alert"] for r in rules} >= {"KubetriageVerdictBacklog", "KubetriageQueueStalled",
                                            "KubetriageQueueWaitHigh", "KubetriageJobsFailing",
-                                           "KubetriageDatabaseWriteFailures", "KubetriageLLMErrors"}
+                                           "KubetriageDatabaseWriteFailures", "KubetriageLLMErrors",
+                                           "KubetriageEvidenceUnavailable", "KubetriageActionsFailing"}
     cm = find(docs, "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(cm["data"]["kubetriage.json"])
     assert dashboard["uid"] == "kubetriage" and len(dashboard["panels"]) >= 10
 
 
+def check_evidence(docs: list[dict[str, Any]], ns: str, team: str | None) -> None:
+    """A pool's evidence endpoints pass the CRD (applied above), and the workers' egress opens exactly them."""
+    evidence = find(docs, "TriagePool", "default")["spec"]["evidence"]
+    assert evidence["prometheus"]["bearerTokenSecretRef"] == {"name": "prom", "key": "token"}
+    workers = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-workers"))
+    ports = sorted(p["port"] for rule in workers["spec"]["egress"] for p in rule["ports"])
+    assert ports == [53, 53, 443, 6379, 9090, 9093]
+    monitoring = next(r for r in workers["spec"]["egress"] if {"port": 9090, "protocol": "TCP"} in r["ports"])
+    assert monitoring["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
 CHECKS = {"defaults": check_defaults, "bundled-redis-namespaced-netpol": check_bundled_namespaced,
-          "external-redis-postgres-secrets": check_external, "prometheus-operator": check_prometheus}
+          "external-redis-postgres-secrets": check_external, "evidence-egress": check_evidence,
+          "prometheus-operator": check_prometheus}
 
 
 @pytest.mark.cluster
@@ -446,6 +508,15 @@ def test_promtool_accepts_the_rules_and_they_fire(helm: str, tmp_path: Path) -> 
                 {"series": 'kubetriage_queue_depth{pool="ns/b",priority="1000000"}', "values": "2x40"},
                 {"series": "kubetriage_database_write_failures_total", "values": "0+1x40"},
                 {"series": 'kubetriage_jobs_failed_total{reason="attempts"}', "values": "0 0 0 0 0 1x35"},
+                # pool a: Prometheus evidence fails for 3 of 4 jobs; Alertmanager evidence is fine
+                {"series": 'kubetriage_evidence_total{pool="ns/a",source="prometheus",outcome="ok"}',
+                 "values": "0+1x40"},
+                {"series": 'kubetriage_evidence_total{pool="ns/a",source="prometheus",outcome="unreachable"}',
+                 "values": "0+3x40"},
+                {"series": 'kubetriage_evidence_total{pool="ns/a",source="alertmanager",outcome="ok"}',
+                 "values": "0+4x40"},
+                {"series": 'kubetriage_evidence_total{pool="ns/a",source="alertmanager",outcome="cached"}',
+                 "values": "0+9x40"},
             ],
             "alert_rule_test": [
                 {"eval_time": "30m", "alertname": "KubetriageVerdictBacklog", "exp_alerts": [
@@ -459,6 +530,9 @@ def test_promtool_accepts_the_rules_and_they_fire(helm: str, tmp_path: Path) -> 
                 {"eval_time": "12m", "alertname": "KubetriageJobsFailing", "exp_alerts": [
                     {"exp_labels": {"severity": "warning", "reason": "attempts"}}]},
                 {"eval_time": "38m", "alertname": "KubetriageJobsFailing", "exp_alerts": []},  # no new failures
+                {"eval_time": "35m", "alertname": "KubetriageEvidenceUnavailable", "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "pool": "ns/a", "source": "prometheus"}}]},
+                {"eval_time": "10m", "alertname": "KubetriageEvidenceUnavailable", "exp_alerts": []},  # not for 15m
             ],
         }],
     }
@@ -511,6 +585,7 @@ def install(request: pytest.FixtureRequest, cluster: devenv.ControlPlane, redis_
     secret(cluster, rel, "kt-redis", url=redis_server.url)
     secret(cluster, rel, "kt-db", url=f"sqlite:///{root / 'verdicts.db'}")
     secret(cluster, rel, "kt-ingest", token=token)
+    secret(cluster, rel, "kt-hooks", signing=HOOK_KEY)
     secret(cluster, other, "do-not-read", password="hunter2")
     ports = {"ingest": devenv.free_port(), "metrics": devenv.free_port(), "health": devenv.free_port()}
     values: dict[str, Any] = {
@@ -523,6 +598,7 @@ def install(request: pytest.FixtureRequest, cluster: devenv.ControlPlane, redis_
         "priorityClasses": {"create": False},  # the session's cluster has them already
         "pools": [{"name": "default", "spec": {"priorityClassName": "kubetriage-p1",
                                                 "replicas": {"min": 1, "max": 2}, "concurrency": 4}}],
+        "actions": {"secrets": [{"name": "kt-hooks", "namespaces": [team]}]},
     }
     if mode == "namespaced":
         values["watchNamespaces"] = [team]
@@ -551,6 +627,31 @@ def resolved_env(cluster: devenv.ControlPlane, namespace: str, container: dict[s
         obj = json.loads(cluster.kubectl("get", "secret", ref["name"], "-n", namespace, "-o", "json").stdout)
         env[item["name"]] = base64.b64decode(obj["data"][ref["key"]]).decode()
     return env
+
+
+HOOK_KEY = "chart-test-signing-key"
+
+
+def mounted_secrets(cluster: devenv.ControlPlane, namespace: str, docs: list[dict[str, Any]], env: dict[str, str],
+                    root: Path) -> None:
+    """The kubelet's part for the Secret volumes of the operator: each Secret's keys as files where the pod's
+    volumeMounts put them (under a local folder that stands for the container's file system)."""
+    pod = find(docs, "Deployment", operator_deployment_name(docs))["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["name"]: m["mountPath"] for m in operator_container(docs)["volumeMounts"]}
+    base = env["KUBETRIAGE_ACTIONS_SECRETS_DIR"]
+    for volume, secret_name in volumes.items():
+        obj = json.loads(cluster.kubectl("get", "secret", secret_name, "-n", namespace, "-o", "json").stdout)
+        folder = root / "container" / Path(mounts[volume]).relative_to("/")
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, value in obj["data"].items():
+            (folder / key).write_bytes(base64.b64decode(value))
+    env["KUBETRIAGE_ACTIONS_SECRETS_DIR"] = str(root / "container" / Path(base).relative_to("/"))
+
+
+def operator_deployment_name(docs: list[dict[str, Any]]) -> str:
+    return next(d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"
+                and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator")
 
 
 def sa_writes(cluster: devenv.ControlPlane, user: str) -> list[dict[str, Any]]:
@@ -606,6 +707,8 @@ async def test_operator_runs_a_pipeline_with_only_the_charts_rbac(
     i = install
     env = resolved_env(cluster, i.rel, operator_container(i.docs))
     env["KUBECONFIG"] = str(i.kubeconfig)
+    mounted_secrets(cluster, i.rel, i.docs, env, i.root)
+    receiver = Receiver(HOOK_KEY).__enter__()
     op = localrun.start_operator(i.root, env, f"operator-{i.mode}")
     # the kubelet's stand-in reads Deployments and Secrets with admin rights, as the kubelet would
     admin = Kube()
@@ -614,6 +717,32 @@ async def test_operator_runs_a_pipeline_with_only_the_charts_rbac(
     stop = asyncio.Event()
     pods_task = asyncio.create_task(pods.run(stop))
     try:
+        # A TriageRule first, as the README orders it: the operator lists and watches it and writes its
+        # Accepted condition with the chart's rights; the guarded job then never ends false_positive.
+        await admin.create(triagerule_path(i.team), {
+            "apiVersion": "kubetriage.io/v1alpha1", "kind": "TriageRule", "metadata": {"name": "disk-guard"},
+            "spec": {"match": {"alertNames": ["DiskFull"]}, "action": {"neverDiscard": True}}})
+
+        async def rule_accepted() -> bool:
+            st = (await admin.get(triagerule_path(i.team, "disk-guard"))).get("status") or {}
+            return st.get("observedGeneration") == 1 and [c["status"] for c in st.get("conditions") or []] == ["True"]
+
+        await wait_for(rule_accepted, "TriageRule disk-guard Accepted", op)
+        # A TriagePolicy posting every verdict to a webhook, signed with the mounted Secret kt-hooks; the
+        # operator reads no Secret from the API (the FORBIDDEN list below)
+        await admin.create(f"/apis/kubetriage.io/v1alpha1/namespaces/{i.team}/triagepolicies", {
+            "apiVersion": "kubetriage.io/v1alpha1", "kind": "TriagePolicy", "metadata": {"name": "tell"},
+            "spec": {"mode": "enforce", "classifications": ["false_positive", "valid", "inconclusive"],
+                     "minConfidence": 0, "notify": [{"name": "hook", "webhook": {
+                         "url": receiver.url("/hook"), "allowHTTP": True, "allowPrivateEndpoints": True,
+                         "signingSecretRef": {"name": "kt-hooks", "key": "signing"}}}]}})
+
+        async def policy_accepted() -> bool:
+            st = (await admin.get(f"/apis/kubetriage.io/v1alpha1/namespaces/{i.team}/triagepolicies/tell")
+                  ).get("status") or {}
+            return [c["status"] for c in st.get("conditions") or []] == ["True"]
+
+        await wait_for(policy_accepted, "TriagePolicy tell Accepted", op)
         for n, spec in enumerate([alert_spec("DiskFull", labels={"flaps_last_hour": "9"}),
                                   alert_spec("EndpointDown", severity="critical", consecutiveCount=20),
                                   script_spec("checkout-e2e"), script_spec("login-e2e", "TimeoutError")]):
@@ -644,13 +773,31 @@ async def test_operator_runs_a_pipeline_with_only_the_charts_rbac(
         jobs = await wait_for(lambda: done(i.team, team_names), f"{team_names} Succeeded", op)
         await wait_for(lambda: done(i.rel, [ingested]), f"ingested {ingested} Succeeded", op)
         assert all(j["status"]["recorded"] is True for j in jobs.values())
+        assert jobs["job-0"]["status"]["verdict"]["classification"] != "false_positive"
+        await wait_for(lambda: len({d.key for d in receiver.to("/hook")}) >= 4, "a signed webhook per verdict", op)
+        assert all(d.signed for d in receiver.to("/hook"))
+
+        # TTL: a finished job is deleted with the chart's rights (its only delete)
+        await admin.create(triagejob_path(i.team), {
+            "apiVersion": "kubetriage.io/v1alpha1", "kind": "TriageJob", "metadata": {"name": "short-lived"},
+            "spec": script_spec("short", "AssertionError", spec={"ttlSecondsAfterFinished": 0})})
+
+        async def ttl_gone() -> bool:
+            try:
+                await admin.get(triagejob_path(i.team, "short-lived"))
+            except ApiError as exc:
+                return exc.status == 404
+            return False
+
+        await wait_for(ttl_gone, "the TTL to delete short-lived", op)
 
         code, body = http_post(f"http://127.0.0.1:{i.ports['ingest']}/v1/alertmanager",
                                alertmanager_webhook("resolved", "00aa11bb22cc33dd"), i.token)
         assert code == 200 and body["jobs"][0]["result"] == "resolved", body
 
         events = (await admin.get(f"/api/v1/namespaces/{i.team}/events"))["items"]
-        assert {e["involvedObject"]["name"] for e in events if e["reason"] == "Triaged"} == set(team_names)
+        assert {e["involvedObject"]["name"] for e in events if e["reason"] == "Triaged"} == {*team_names,
+                                                                                             "short-lived"}
         db = sqlite3.connect(str(i.root / "verdicts.db"))
         try:
             rows = {r[0] for r in db.execute("SELECT job_name FROM triage_verdicts")}
@@ -681,6 +828,7 @@ async def test_operator_runs_a_pipeline_with_only_the_charts_rbac(
         await pods_task
         op.stop()
         await admin.close()
+        receiver.__exit__()
 
     # No write of the operator in its own namespaces was refused. (Cluster-wide, it also sees other tests'
     # leftover pools and is refused Deployments there: that is the point of pool-namespace-only Deployments.)
@@ -713,7 +861,7 @@ FORBIDDEN = [
     ("create a ClusterRoleBinding", lambda i: ["create", "clusterrolebinding", f"pwn-{i.release}",
                                                "--clusterrole=cluster-admin",
                                                f"--serviceaccount={i.rel}:{i.sa}"]),
-    ("edit its own ClusterRole", lambda i: ["patch", "clusterrole", find(i.docs, "ClusterRole")["metadata"]["name"],
+    ("edit its own ClusterRole", lambda i: ["patch", "clusterrole", operator_cluster_role(i.docs)["metadata"]["name"],
                                             "--type=json", "-p",
                                             '[{"op":"add","path":"/rules/-","value":{"apiGroups":["*"],'
                                             '"resources":["*"],"verbs":["*"]}}]']),
@@ -725,7 +873,18 @@ FORBIDDEN = [
     ("mint a token for another ServiceAccount", lambda i: ["create", "token", "default", "-n", i.rel]),
     ("create a Deployment outside the pool namespaces", lambda i: ["create", "deployment", "pwn",
                                                                    "--image=busybox", "-n", i.other]),
-    ("delete a TriageJob", lambda i: ["delete", "triagejob", "job-0", "-n", i.team, "--wait=false"]),
+    # TriageJobs are the only thing it deletes (their TTL); policies are the team admins', like rules
+    ("create a TriagePolicy", lambda i: ["create", "-n", i.team, "-f", "-"]),
+    ("change a TriagePolicy", lambda i: ["patch", "triagepolicy", "tell", "-n", i.team, "--type=merge", "-p",
+                                         '{"spec":{"mode":"shadow"}}']),
+    ("delete a TriagePolicy", lambda i: ["delete", "triagepolicy", "tell", "-n", i.team, "--wait=false"]),
+    ("delete a TriagePool", lambda i: ["delete", "triagepool", "default", "-n", i.rel, "--wait=false"]),
+    ("read the Secret of TriagePolicies", lambda i: ["get", "secret", "kt-hooks", "-n", i.rel]),
+    # TriageRules are the team admins': the operator only reads them and writes their status
+    ("create a TriageRule", lambda i: ["create", "-n", i.team, "-f", "-"]),
+    ("change a TriageRule", lambda i: ["patch", "triagerule", "disk-guard", "-n", i.team, "--type=merge", "-p",
+                                       '{"spec":{"action":{"neverDiscard":false}}}']),
+    ("delete a TriageRule", lambda i: ["delete", "triagerule", "disk-guard", "-n", i.team, "--wait=false"]),
     ("create a TriageJob outside the ingest namespaces", lambda i: ["create", "-n", i.other, "-f", "-"]),
     ("delete a worker Deployment", lambda i: ["delete", "deployment", "kubetriage-worker-default", "-n", i.rel,
                                               "--wait=false"]),
@@ -745,6 +904,13 @@ def _stdin(i: Install, what: str) -> str | None:
     if what == "create a TriageJob outside the ingest namespaces":
         return json.dumps({"apiVersion": "kubetriage.io/v1alpha1", "kind": "TriageJob",
                            "metadata": {"name": "pwn"}, "spec": script_spec("x")})
+    if what == "create a TriagePolicy":
+        return json.dumps({"apiVersion": "kubetriage.io/v1alpha1", "kind": "TriagePolicy",
+                           "metadata": {"name": "pwn"}, "spec": {"mode": "enforce"}})
+    if what == "create a TriageRule":
+        return json.dumps({"apiVersion": "kubetriage.io/v1alpha1", "kind": "TriageRule",
+                           "metadata": {"name": "pwn"}, "spec": {"action": {"classification": "false_positive",
+                                                                            "confidence": 1}}})
     if what == "create a peering object":
         return json.dumps({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
                            "metadata": {"name": f"pwn-{i.release}"}})
@@ -779,7 +945,7 @@ def can_i_list(cluster: devenv.ControlPlane, install: Install, namespace: str) -
 
 def intended(install: Install, namespace: str) -> set[tuple[str, str, str]]:
     """The chart's rules that apply in ``namespace``: its ClusterRole plus its Role there, if any."""
-    rules = list(find(install.docs, "ClusterRole")["rules"])
+    rules = list(operator_cluster_role(install.docs)["rules"])
     rules += [r for d in install.docs if d["kind"] == "Role" and d["metadata"]["namespace"] == namespace
               for r in d["rules"]]
     out = set()
@@ -806,8 +972,115 @@ def test_can_i_list_holds_nothing_beyond_the_chart(cluster: devenv.ControlPlane,
     assert not [r for r in everything if r[0].split(".")[0].split("/")[0] in
                 {"secrets", "pods", "roles", "rolebindings", "clusterroles", "clusterrolebindings",
                  "serviceaccounts", "nodes", "configmaps"}]
-    # update only on the pools' finalizers subresource (owner-reference enforcement; no object behind it)
+    # update only on the pools' finalizers subresource (owner-reference enforcement; no object behind it), and
+    # delete only of TriageJobs (their TTL)
     risky = {"delete", "deletecollection", "escalate", "bind", "impersonate", "update", "*"}
-    assert not [r for r in everything if r[2] in risky and r[0] != "triagepools.kubetriage.io/finalizers"]
+    assert not [r for r in everything if r[2] in risky and r[0] != "triagepools.kubetriage.io/finalizers"
+                and r != ("triagejobs.kubetriage.io", "", "delete")]
+    assert ("triagejobs.kubetriage.io", "", "delete") in everything
     namespaces = {r[2] for r in everything if r[0] == "namespaces"}
     assert namespaces == ({"list", "watch"} if install.mode == "namespaced" else set())
+
+
+# --------------------------------------------------------------------------- users: who may write rules
+
+
+def aggregation_closure(roles: dict[str, dict[str, Any]], name: str) -> list[str]:
+    """The ClusterRoles the aggregation controller folds into ``name``: those its ``aggregationRule`` selects
+    by label, and theirs in turn (the built-in view is labelled into edit, edit into admin)."""
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        for selector in (roles[todo.pop()].get("aggregationRule") or {}).get("clusterRoleSelectors") or []:
+            assert not selector.get("matchExpressions"), "the built-in roles select by matchLabels only"
+            want = (selector.get("matchLabels") or {}).items()
+            for other, role in roles.items():
+                if other not in found and other != name and want <= (role["metadata"].get("labels") or {}).items():
+                    found.add(other)
+                    todo.append(other)
+    return sorted(found)
+
+
+@pytest.mark.cluster
+async def test_namespace_editors_submit_jobs_and_only_admins_write_rules(
+        cluster: devenv.ControlPlane, helm: str, tmp_path: Path) -> None:
+    """Two real ServiceAccounts of one namespace, bound there (RoleBindings) to the built-in ``edit`` and
+    ``admin`` ClusterRoles, act with their own tokens: the editor may create TriageJobs, not TriageRules or
+    TriagePools, nor write a job's status; the admin may create and delete TriageRules.
+
+    The chart's roles reach edit and admin through aggregation, which the aggregation controller of
+    kube-controller-manager performs. This control plane runs kube-apiserver and etcd only, so aggregation
+    is not active (checked: the built-in ``admin`` has an aggregationRule but no rules). The test then does
+    the controller's selection itself and binds its result directly: it reads each built-in role's
+    aggregationRule from the API server and follows it, transitively, to every ClusterRole it selects by
+    label (the built-in system:aggregate-to-* roles and the chart's), and binds those beside the built-in
+    role. So a wrong aggregation label on a chart role fails here as it would in a real cluster. With
+    aggregation active, the built-in roles are bound alone, once they hold the chart's rules.
+    """
+    ns, elsewhere = new_namespace(cluster, "users"), new_namespace(cluster, "elsewhere")
+    release = f"kt{uuid.uuid4().hex[:6]}"
+    user_roles = list(aggregated_user_roles(render(helm, tmp_path, release, ns, {})).values())
+    apply(cluster, user_roles)
+    try:
+        roles = {r["metadata"]["name"]: r
+                 for r in json.loads(cluster.kubectl("get", "clusterroles", "-o", "json").stdout)["items"]}
+        aggregating = bool(roles["admin"].get("rules"))
+        if aggregating:
+            chart_admin = next(r for r in user_roles if f"{AGGREGATE}admin" in r["metadata"]["labels"])
+
+            def admin_has_rules() -> bool:
+                live = json.loads(cluster.kubectl("get", "clusterrole", "admin", "-o", "json").stdout)
+                return all(rule in live.get("rules", []) for rule in chart_admin["rules"])
+
+            await eventually(admin_has_rules, "the aggregation controller to fold the chart's roles into admin")
+        kubeconfigs = {}
+        for user, builtin in (("editor", "edit"), ("owner", "admin")):
+            cluster.kubectl("create", "serviceaccount", user, "-n", ns)
+            bound = [builtin] + ([] if aggregating else aggregation_closure(roles, builtin))
+            for n, role in enumerate(bound):
+                cluster.kubectl("create", "rolebinding", f"{user}-{n}", f"--clusterrole={role}",
+                                f"--serviceaccount={ns}:{user}", "-n", ns)
+            token = cluster.kubectl("create", "token", user, "-n", ns, "--duration=1h").stdout.strip()
+            kubeconfigs[user] = cluster.kubeconfig_for_token(token, tmp_path / f"{user}.kubeconfig")
+        if not aggregating:
+            assert {r["metadata"]["name"] for r in user_roles} <= set(aggregation_closure(roles, "admin"))
+
+        def as_user(user: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+            return cluster.kubectl(*args, input=input, check=False, kubeconfig=kubeconfigs[user])
+
+        def allowed(result: subprocess.CompletedProcess[str]) -> None:
+            assert result.returncode == 0, result.stderr
+
+        def refused(result: subprocess.CompletedProcess[str], user: str, what: str) -> None:
+            assert result.returncode != 0, f"{user} was allowed to {what}:\n{result.stdout}"
+            assert f'is forbidden: User "system:serviceaccount:{ns}:{user}" cannot' in result.stderr, result.stderr
+
+        job = json.dumps({"apiVersion": "kubetriage.io/v1alpha1", "kind": "TriageJob",
+                          "metadata": {"name": "from-ci"}, "spec": script_spec("checkout-e2e")})
+        rule = json.dumps({"apiVersion": "kubetriage.io/v1alpha1", "kind": "TriageRule",
+                           "metadata": {"name": "ignore-e2e-timeouts"},
+                           "spec": {"match": {"errorRegex": "TimeoutError"},
+                                    "action": {"classification": "false_positive", "confidence": 0.95}}})
+        pool = json.dumps({"apiVersion": "kubetriage.io/v1alpha1", "kind": "TriagePool",
+                           "metadata": {"name": "mine"}, "spec": {"priorityClassName": "kubetriage-p3"}})
+
+        allowed(as_user("editor", "create", "-n", ns, "-f", "-", input=job))
+        allowed(as_user("editor", "get", "triagerules,triagepools,triagejobs", "-n", ns))  # view
+        refused(as_user("editor", "create", "-n", ns, "-f", "-", input=rule), "editor", "create a TriageRule")
+        refused(as_user("editor", "create", "-n", ns, "-f", "-", input=pool), "editor", "create a TriagePool")
+        refused(as_user("editor", "patch", "triagejob", "from-ci", "-n", ns, "--subresource=status",
+                        "--type=merge", "-p", '{"status":{"phase":"Succeeded"}}'), "editor", "write a job's status")
+        refused(as_user("editor", "create", "-n", elsewhere, "-f", "-", input=job), "editor",
+                "create a TriageJob in another namespace")
+
+        allowed(as_user("owner", "create", "-n", ns, "-f", "-", input=rule))
+        allowed(as_user("owner", "create", "-n", ns, "-f", "-", input=pool))
+        allowed(as_user("owner", "delete", "triagerule", "ignore-e2e-timeouts", "-n", ns))
+        allowed(as_user("owner", "delete", "triagepool", "mine", "-n", ns))
+        allowed(as_user("editor", "delete", "triagejob", "from-ci", "-n", ns))
+        refused(as_user("owner", "create", "-n", elsewhere, "-f", "-", input=rule), "owner",
+                "create a TriageRule in another namespace")
+    finally:
+        delete(cluster, user_roles)
+        for n in (ns, elsewhere):
+            cluster.kubectl("delete", "namespace", n, "--wait=false", check=False)

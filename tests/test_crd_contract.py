@@ -108,3 +108,9 @@ def test_verdict_discard_follows_classification() -> None:
     assert models.verdict_from_classification("false_positive", "r", 0.9, "rules").discard is True
     assert models.verdict_from_classification("valid", "r", 0.9, "rules").discard is False
     assert models.verdict_from_classification("inconclusive", "r", 0.1, "rules").discard is False
+
+
+def test_generated_crds_have_no_yaml_anchors() -> None:
+    """Shared sub-schemas are written out in full: anchors/aliases confuse the tools that read CRDs."""
+    for name, content in crdgen.files().items():
+        assert "&id0" not in content and "*id0" not in content, name

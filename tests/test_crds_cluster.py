@@ -103,6 +103,18 @@ INVALID = [
      ["spec", "Required"]),
     ("pool bad confidence", _pool({"analyzer": {"confidenceThreshold": 1.5}}),
      ["spec.analyzer.confidenceThreshold", "less than or equal to 1"]),
+    ("evidence url not http", _pool({"evidence": {"prometheus": {"url": "file:///etc/passwd"}}}),
+     ["spec.evidence.prometheus.url", "should match"]),
+    ("evidence bearer and basic auth", _pool({"evidence": {"alertmanager": {
+        "url": "https://am:9093", "bearerTokenSecretRef": {"name": "s", "key": "t"},
+        "basicAuth": {"username": {"name": "s", "key": "u"}, "password": {"name": "s", "key": "p"}}}}}),
+     ["spec.evidence.alertmanager", "set at most one of bearerTokenSecretRef or basicAuth"]),
+    ("evidence two CAs", _pool({"evidence": {"prometheus": {"url": "https://p", "tls": {
+        "caSecretRef": {"name": "s", "key": "ca"}, "caConfigMapRef": {"name": "c", "key": "ca"}}}}}),
+     ["spec.evidence.prometheus.tls", "set at most one of caSecretRef or caConfigMapRef"]),
+    ("evidence budget too long", _pool({"evidence": {"budgetSeconds": 600}}),
+     ["spec.evidence.budgetSeconds", "less than or equal to 120"]),
+    ("alert expr too long", _job(_alert(expr="up" * 600)), ["spec.alert.expr", "Too long"]),
 ]
 
 

@@ -34,7 +34,9 @@ def llm() -> Iterator[FakeLLM]:
 
 
 def llm_pool(llm: FakeLLM, **spec: Any) -> dict[str, Any]:
-    return {"analyzer": {"baseURL": llm.url, "model": "fake/triage-text", "timeoutSeconds": 5}, **spec}
+    # FakeLLM serves plain http on loopback: the pool opts in to both (the outbound-URL policy)
+    return {"analyzer": {"baseURL": llm.url, "allowHTTP": True, "allowPrivateEndpoints": True,
+                         "model": "fake/triage-text", "timeoutSeconds": 5}, **spec}
 
 
 def llm_job(i: int | str, **analysis: Any) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import gzip
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +16,9 @@ import kopf
 import pytest
 
 from devharness import devenv
-from kubetriage.api.keys import ALERT_STATUS_LABEL, RESOLVED_AT
-from kubetriage.infra.kube import Kube
+from kubetriage.api.keys import ALERT_FINGERPRINT_LABEL, ALERT_STATUS_LABEL, INGEST_KEY, RESOLVED_AT
+from kubetriage.infra.kube import Kube, triagejob_path
+from kubetriage.ingest.jobs import ScriptResultIn, script_job
 from tests.ingestenv import IngestEnv, am_alert, webhook
 
 pytestmark = pytest.mark.cluster
@@ -149,6 +152,18 @@ BAD: list[Bad] = [
         path="/v1/junit", field="file"),
     Bad("junit-bad-report-url", 422, lambda env: {"params": {"report_url": "ftp://x"}, "content": b"<testsuite/>"},
         path="/v1/junit", field="report_url"),
+    # a declared type the route cannot parse (no type at all is parsed as the route's format)
+    Bad("json-sent-as-text-plain", 415, _raw(json.dumps(webhook(am_alert())).encode(),
+                                             **{"Content-Type": "text/plain"})),
+    Bad("json-sent-as-a-form", 415, _raw(json.dumps(SCRIPT).encode(),
+                                         **{"Content-Type": "application/x-www-form-urlencoded"}),
+        path="/v1/script-results"),
+    Bad("json-in-latin-1", 415, _raw(json.dumps(SCRIPT).encode(),
+                                     **{"Content-Type": "application/json; charset=iso-8859-1"}),
+        path="/v1/script-results"),
+    Bad("multipart-on-a-json-route", 415, _raw(b"--b\r\n\r\nx\r\n--b--\r\n",
+                                               **{"Content-Type": "multipart/form-data; boundary=b"})),
+    Bad("junit-sent-as-json", 415, _raw(b"<testsuite/>", **{"Content-Type": "application/json"}), path="/v1/junit"),
 ]
 
 
@@ -171,6 +186,8 @@ async def test_bad_request_gets_documented_status_and_creates_nothing(env: Inges
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     if bad.status == 405:
         assert "POST" in resp.headers["Allow"]
+    if bad.status == 415:  # says what the route takes, in the message and in Accept (RFC 9110)
+        assert resp.headers["Accept"].startswith("application/") and resp.headers["Accept"] in body["error"], body
     assert await _all_jobs(env) == before, f"{bad.id} created a job"
     assert await env.healthy()
 
@@ -181,14 +198,14 @@ async def _all_jobs(env: IngestEnv) -> set[str]:
 
 def test_there_are_at_least_twenty_hostile_cases() -> None:
     assert len(BAD) >= 20
-    assert {b.status for b in BAD} == {400, 401, 403, 404, 405, 413, 422}
+    assert {b.status for b in BAD} == {400, 401, 403, 404, 405, 413, 415, 422}
 
 
 async def test_server_still_serves_after_the_hostile_requests(env: IngestEnv) -> None:
-    resp = await env.post("/v1/script-results", json={**SCRIPT, "id": "after-hostile"})
+    resp = await env.post("/v1/script-results", json={**SCRIPT, "id": "afterhostile"})
     assert resp.status_code == 201, resp.text
-    assert [j["metadata"]["name"] for j in await env.jobs()] == ["sr-checkout-after-hostile"]
-    await env.kube.delete(f"/apis/kubetriage.io/v1alpha1/namespaces/{env.ns}/triagejobs/sr-checkout-after-hostile")
+    assert [j["metadata"]["name"] for j in await env.jobs()] == ["sr-checkout-afterhostile"]
+    await env.kube.delete(f"/apis/kubetriage.io/v1alpha1/namespaces/{env.ns}/triagejobs/sr-checkout-afterhostile")
 
 
 # --------------------------------------------------------------------------- script results
@@ -267,8 +284,11 @@ async def test_webhook_alerts_map_and_resend_and_resolve(env: IngestEnv) -> None
     body = resp.json()
     assert body["created"] == 3 and body["truncatedAlerts"] == 0
     names = [j["name"] for j in body["jobs"]]
-    assert names[0].startswith("am-diskfull-aaaabbbbccccdddd-") and names[1].startswith("am-disk-full-1111")
     jobs = {j["metadata"]["name"]: j for j in await env.jobs(ns)}
+    # the fingerprint in the name is computed from the labels, as Alertmanager computes it, not the sender's
+    fingerprints = [jobs[n]["metadata"]["labels"][ALERT_FINGERPRINT_LABEL] for n in names]
+    assert names[0] == f"am-diskfull-{fingerprints[0]}-{names[0].rsplit('-', 1)[1]}"
+    assert names[1].startswith(f"am-disk-full-{fingerprints[1]}-") and len(set(fingerprints)) == 3
     spec = jobs[names[0]]["spec"]
     assert spec["priorityClassName"] == "kubetriage-p1"
     assert spec["alert"]["name"] == "DiskFull" and spec["alert"]["status"] == "firing"
@@ -373,3 +393,116 @@ async def test_concurrent_resends_create_one_job(env: IngestEnv) -> None:
     results = sorted(r.json()["jobs"][0]["result"] for r in resps)
     assert results == ["created"] + ["exists"] * 9
     assert sum(j["metadata"]["name"].startswith("am-storm-") for j in await env.jobs(env.ns2)) == 1
+
+
+# --------------------------------------------------------------------------- content types
+
+
+async def test_each_route_takes_its_types_and_no_type_at_all(cluster: devenv.ControlPlane, tmp_path: Path) -> None:
+    async with IngestEnv(cluster, tmp_path) as env:
+        json_types = [None, "application/json", "application/json; charset=UTF-8", "application/vnd.runner+json"]
+        for i, ctype in enumerate(json_types):
+            headers = {"Content-Type": ctype} if ctype else {}
+            resp = await env.post("/v1/script-results", content=json.dumps({**SCRIPT, "id": i}).encode(),
+                                  headers=headers)
+            assert resp.status_code == 201, (ctype, resp.text)
+        report = b'<testsuite name="s"><testcase classname="c" name="t"><failure message="m"/></testcase></testsuite>'
+        xml_types = [None, "application/xml", "text/xml; charset=utf-8", "application/junit+xml"]
+        for i, ctype in enumerate(xml_types):  # None: what `kubetriage submit junit --url` sends
+            headers = {"Content-Type": ctype} if ctype else {}
+            resp = await env.post("/v1/junit", content=report, headers=headers, params={"run": f"ct-{i}"})
+            assert resp.status_code == 201, (ctype, resp.text)
+        resp = await env.post("/v1/junit", files={"file": ("r.xml", report, "application/xml")},
+                              params={"run": "ct-multipart"})
+        assert resp.status_code == 201, resp.text
+        assert len(await env.jobs()) == len(json_types) + len(xml_types) + 1
+
+
+# --------------------------------------------------------------------------- aiohttp's own refusals
+
+
+async def test_an_over_long_header_is_one_warning_line(env: IngestEnv, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "tok-" + "s" * 9000  # an over-long Authorization header: the token must not reach the log
+    for headers in ({"X-Padding": "a" * 20000}, {"Authorization": f"Bearer {secret}"}):
+        caplog.clear()
+        resp = await env.post("/v1/script-results", json=SCRIPT, headers=headers)
+        assert resp.status_code in (400, 431), resp.text  # aiohttp's answer, unchanged
+        records = [r for r in caplog.records if r.name.startswith(("aiohttp", "kubetriage"))]
+        assert [r for r in records if r.levelno >= logging.ERROR] == []
+        (warning,) = [r for r in records if r.levelno == logging.WARNING]
+        message = warning.getMessage()
+        assert warning.exc_info is None and "\n" not in message, message
+        assert f"refused with {resp.status_code}" in message and "8190 bytes" in message, message
+        assert "aaaa" not in message and "ssss" not in message, message
+    assert await env.healthy()
+
+
+# --------------------------------------------------------------------------- job names: no row dropped
+
+
+async def test_script_ids_differing_in_case_or_dashes_get_their_own_jobs(cluster: devenv.ControlPlane,
+                                                                         tmp_path: Path) -> None:
+    async with IngestEnv(cluster, tmp_path) as env:
+        rows = [{**SCRIPT, "id": "AbC1"}, {**SCRIPT, "id": "abc1"},
+                # "checkout" + "e2e-1" and "checkout-e2e" + "1" once both read sr-checkout-e2e-1
+                {**SCRIPT, "id": "e2e-1"}, {**SCRIPT, "script_name": "checkout-e2e", "id": 1}]
+        resp = await env.post("/v1/script-results", json=rows)
+        assert resp.status_code == 201, resp.text
+        assert [j["result"] for j in resp.json()["jobs"]] == ["created"] * 4
+        ids = {j["metadata"]["name"]: j["spec"]["source"]["id"] for j in await env.jobs()}
+        assert sorted(ids.values()) == ["1", "AbC1", "abc1", "e2e-1"]
+        assert ids["sr-checkout-abc1"] == "abc1" and ids["sr-checkout-e2e-1"] == "1"  # plain ids read as before
+        again = await env.post("/v1/script-results", json=rows)
+        assert again.status_code == 200 and [j["result"] for j in again.json()["jobs"]] == ["exists"] * 4
+        assert len(await env.jobs()) == 4
+
+
+async def test_a_name_taken_by_another_input_is_a_409_naming_both(cluster: devenv.ControlPlane,
+                                                                  tmp_path: Path) -> None:
+    async with IngestEnv(cluster, tmp_path) as env:
+        def existing(row_id: str, source_id: str, key: str | None) -> dict[str, Any]:
+            """The job ingest would make for row_id, but made from another input (by hand, or by an older version)."""
+            _, body = script_job(ScriptResultIn.model_validate({**SCRIPT, "id": row_id}))
+            body = copy.deepcopy(body)
+            body["spec"]["source"]["id"] = source_id
+            body["metadata"]["annotations"].pop(INGEST_KEY, None)
+            if key is not None:
+                body["metadata"]["annotations"][INGEST_KEY] = key
+            return body
+
+        # an older kubetriage lowercased ids: row "AbC1" holds the name that row "abc1" has now (no ingest key)
+        await env.kube.create(triagejob_path(env.ns), existing("abc1", "AbC1", None))
+        # a job that carries the key of another input
+        await env.kube.create(triagejob_path(env.ns), existing("k1", "k1", "0" * 64))
+        # an older job for this very row: its re-send must stay a no-op
+        await env.kube.create(triagejob_path(env.ns), existing("k2", "k2", None))
+        resp = await env.post("/v1/script-results", json=[{**SCRIPT, "id": i} for i in ("abc1", "k1", "k2")])
+        assert resp.status_code == 409, resp.text
+        jobs = resp.json()["jobs"]
+        assert [j["result"] for j in jobs] == ["failed", "failed", "exists"]
+        assert "sr-checkout-abc1" in jobs[0]["detail"] and "id 'AbC1'" in jobs[0]["detail"]
+        assert "id 'abc1'" in jobs[0]["detail"] and "collision" in resp.json()["error"]
+        assert "field" not in resp.json()  # not a bad field of the request
+        assert len(await env.jobs()) == 3  # nothing overwritten, nothing created
+
+
+async def test_alerts_sharing_a_fingerprint_with_other_labels_all_land_in_jobs(cluster: devenv.ControlPlane,
+                                                                              tmp_path: Path) -> None:
+    async with IngestEnv(cluster, tmp_path) as env:
+        one = am_alert("DiskFull", fingerprint="0123456789abcdef", instance="db-1")
+        two = am_alert("DiskFull", fingerprint="0123456789abcdef", instance="db-2")
+        resp = await env.post("/v1/alertmanager", json=webhook(one, two))
+        assert resp.status_code == 201, resp.text
+        assert [j["result"] for j in resp.json()["jobs"]] == ["created", "created"]
+        jobs = {j["metadata"]["name"]: j for j in await env.jobs()}
+        assert sorted(j["spec"]["alert"]["labels"]["instance"] for j in jobs.values()) == ["db-1", "db-2"]
+        again = await env.post("/v1/alertmanager", json=webhook(one, two))
+        assert again.status_code == 200 and [j["result"] for j in again.json()["jobs"]] == ["exists", "exists"]
+        # resolving one marks its own job, not the other's
+        done = {**two, "status": "resolved", "endsAt": "2026-01-05T10:09:00Z"}
+        resp = await env.post("/v1/alertmanager", json=webhook(done, status="resolved"))
+        assert resp.status_code == 200 and resp.json()["jobs"][0]["result"] == "resolved", resp.text
+        status = {j["spec"]["alert"]["labels"]["instance"]: j["metadata"]["labels"][ALERT_STATUS_LABEL]
+                  for j in await env.jobs()}
+        assert status == {"db-1": "firing", "db-2": "resolved"} and len(jobs) == 2

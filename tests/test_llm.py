@@ -71,6 +71,9 @@ async def make(llm: FakeLLM) -> AsyncIterator[MakeAnalyzer]:
     def factory(**overrides: Any) -> LLMAnalyzer:
         settings: dict[str, Any] = {
             "base_url": llm.url,
+            # FakeLLM serves plain http on 127.0.0.1: both opt-ins of the outbound-URL policy
+            "allow_http": True,
+            "allow_private_endpoints": True,
             "model": MODEL,
             "api_key": KEY,
             "timeout_seconds": 10,
@@ -598,12 +601,176 @@ async def test_api_key_never_in_errors_or_logs(
     assert all(KEY not in r.getMessage() for r in caplog.records)
 
 
+# --------------------------------------------------------------------------- the outbound-URL policy
+
+
+class TableResolver:
+    """DNS for names this machine cannot resolve (no packet leaves it): answers from a table, records each question."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        if host not in self.table:
+            raise OSError(f"no such host {host}")
+        return list(self.table[host])
+
+
+class LoopbackOnly(httpx.AsyncHTTPTransport):
+    """The HTTP transport of these tests: a request for anything but 127.0.0.1 is stopped here, before any DNS
+    lookup or connection, so a broken policy check fails the test without a packet leaving the machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host != "127.0.0.1":
+            self.blocked.append(request.url.host)
+            raise httpx.ConnectError(f"test guard: {request.url.host} is not loopback", request=request)
+        return await super().handle_async_request(request)
+
+
+PolicyAnalyzer = Callable[..., LLMAnalyzer]
+
+
+@pytest.fixture
+async def guard() -> AsyncIterator[LoopbackOnly]:
+    transport = LoopbackOnly()
+    yield transport
+    assert transport.blocked == []  # every refusal happened in the policy, before the HTTP client
+    await transport.aclose()
+
+
+@pytest.fixture
+async def policy_analyzer(guard: LoopbackOnly) -> AsyncIterator[PolicyAnalyzer]:
+    """Analyzers with the given base URL and opt-ins, sending through the loopback-only guard."""
+    client = httpx.AsyncClient(transport=guard, follow_redirects=False)
+
+    def factory(base_url: str, *, http: bool = True, private: bool = False,
+                resolver: TableResolver | None = None) -> LLMAnalyzer:
+        config = LLMConfig(base_url=base_url, model=MODEL, api_key=KEY, allow_http=http,
+                           allow_private_endpoints=private, timeout_seconds=10, max_retries=1,
+                           backoff_initial_seconds=0.01, backoff_max_seconds=0.02)
+        return LLMAnalyzer(config, client=client, resolver=resolver)
+
+    yield factory
+    await client.aclose()
+
+
+async def test_the_loopback_fake_works_only_with_the_private_opt_in(
+    policy_analyzer: PolicyAnalyzer, llm: FakeLLM
+) -> None:
+    async with policy_analyzer(llm.url, private=False) as refused:
+        with pytest.raises(LLMError, match="loopback address") as info:
+            await refused.analyze(script_request(), CTX)
+    assert info.value.retriable is False
+    assert "allowPrivateEndpoints" in str(info.value) and "nothing sent" in str(info.value)
+    assert llm.received == []  # the API key never left the process
+    async with policy_analyzer(llm.url, private=True) as allowed:
+        assert (await allowed.analyze(script_request(), CTX)).analyzer == "llm"
+    assert llm.received[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_plain_http_needs_its_own_opt_in(policy_analyzer: PolicyAnalyzer, llm: FakeLLM) -> None:
+    async with policy_analyzer(llm.url, http=False, private=True) as analyzer:
+        with pytest.raises(LLMError, match="plain http is not allowed") as info:
+            await analyzer.analyze(script_request(), CTX)
+    assert "allowHTTP" in str(info.value) and info.value.retriable is False
+    assert llm.received == []
+
+
+@pytest.mark.parametrize(
+    ("answers", "why"),
+    [
+        (["169.254.169.254"], "metadata"),
+        (["127.0.0.1"], "loopback"),
+        (["10.1.2.3"], "private"),
+        (["192.168.0.7"], "private"),
+        (["100.64.3.4"], "carrier-grade NAT"),
+        (["::ffff:127.0.0.1"], "IPv4-mapped"),
+        (["fd00::5"], "private"),
+        # one internal address among public ones is enough: the client may pick any of them
+        (["93.184.216.34", "127.0.0.1"], "loopback"),
+    ],
+)
+async def test_a_name_resolving_to_an_internal_address_is_refused_before_connecting(
+    policy_analyzer: PolicyAnalyzer, llm: FakeLLM, answers: list[str], why: str
+) -> None:
+    # the fake's own port: had the check been skipped, the request (and the key) would have reached it
+    resolver = TableResolver({"models.example.test": answers})
+    async with policy_analyzer(f"http://models.example.test:{llm.port}/v1", resolver=resolver) as analyzer:
+        with pytest.raises(LLMError, match=why) as info:
+            await analyzer.analyze(script_request(), CTX)
+    assert "models.example.test resolves to" in str(info.value) and info.value.retriable is False
+    assert resolver.asked == ["models.example.test"]
+    assert llm.received == []
+
+
+@pytest.mark.parametrize(
+    ("base_url", "why"),
+    [
+        ("http://169.254.169.254/v1", "metadata"),
+        ("http://[::ffff:169.254.169.254]/v1", "IPv4-mapped"),
+        ("http://metadata.google.internal/computeMetadata/v1", "metadata"),
+        ("http://[fd00:ec2::254]/v1", "metadata"),
+        ("http://0.0.0.0:{port}/v1", "unspecified"),
+    ],
+)
+async def test_metadata_and_unspecified_addresses_are_refused_even_with_the_opt_in(
+    policy_analyzer: PolicyAnalyzer, llm: FakeLLM, base_url: str, why: str
+) -> None:
+    resolver = TableResolver({})
+    async with policy_analyzer(base_url.format(port=llm.port), private=True, resolver=resolver) as analyzer:
+        with pytest.raises(LLMError, match=why) as info:
+            await analyzer.analyze(script_request(), CTX)
+    assert "allowPrivateEndpoints" not in str(info.value)  # no opt-in would help
+    assert resolver.asked == [] and llm.received == []
+
+
+async def test_a_name_resolving_to_metadata_is_refused_even_with_the_opt_in(
+    policy_analyzer: PolicyAnalyzer, llm: FakeLLM
+) -> None:
+    resolver = TableResolver({"llm.internal.test": ["10.0.0.9", "169.254.169.254"]})
+    async with policy_analyzer(f"http://llm.internal.test:{llm.port}/v1", private=True,
+                               resolver=resolver) as analyzer:
+        with pytest.raises(LLMError, match="metadata"):
+            await analyzer.analyze(script_request(), CTX)
+    assert llm.received == []
+
+
+async def test_the_request_goes_to_the_vetted_address_with_the_original_host(
+    policy_analyzer: PolicyAnalyzer, llm: FakeLLM
+) -> None:
+    """Pinned: the name is resolved once, by the policy's resolver, and the connection goes to that address
+    (this machine's DNS cannot resolve the name at all); the server still sees the name it was called by."""
+    resolver = TableResolver({"vllm.models.svc.example.test": ["127.0.0.1"]})
+    url = f"http://vllm.models.svc.example.test:{llm.port}/v1"
+    async with policy_analyzer(url, private=True, resolver=resolver) as analyzer:
+        verdict = await analyzer.analyze(script_request(), CTX)
+    assert verdict.analyzer == "llm"
+    assert resolver.asked == ["vllm.models.svc.example.test"]
+    assert llm.received[0].headers["host"] == f"vllm.models.svc.example.test:{llm.port}"
+
+
+async def test_a_failed_lookup_is_retried_and_sends_nothing(policy_analyzer: PolicyAnalyzer, llm: FakeLLM) -> None:
+    resolver = TableResolver({})
+    async with policy_analyzer(f"http://gone.example.test:{llm.port}/v1", resolver=resolver) as analyzer:
+        with pytest.raises(LLMError, match=r"DNS lookup of gone\.example\.test failed") as info:
+            await analyzer.analyze(script_request(), CTX)
+    assert info.value.retriable is True and resolver.asked == ["gone.example.test"] * 2
+    assert llm.received == []
+
+
 # --------------------------------------------------------------------------- client ownership
 
 
 async def test_passed_client_is_not_closed(llm: FakeLLM) -> None:
     async with httpx.AsyncClient() as client:
-        analyzer = LLMAnalyzer(LLMConfig(base_url=llm.url, model=MODEL), client=client)
+        analyzer = LLMAnalyzer(LLMConfig(base_url=llm.url, model=MODEL, allow_http=True,
+                                         allow_private_endpoints=True), client=client)
         await analyzer.analyze(script_request(), CTX)
         await analyzer.aclose()
         assert not client.is_closed

@@ -13,11 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import random
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from devharness import devenv
 from kubetriage.analyzers.chain import run_offline_chain
 from kubetriage.analyzers.memory import (
     MemoryAnalyzer,
@@ -25,12 +28,18 @@ from kubetriage.analyzers.memory import (
     case_from_row,
     normalise,
     parse_alert_summary,
+    prepare_cases,
 )
 from kubetriage.analyzers.rules import RulesAnalyzer
 from kubetriage.api.contract import AnalysisContext, AnalysisRequest
 from kubetriage.api.models import Alert, CheckType, Classification, ScriptResult, Source, TriageJobSpec, Verdict
 from kubetriage.api.summary import job_summary
+from kubetriage.controller.overrides import memory_case
+from kubetriage.infra.config import Settings
+from kubetriage.infra.queue import MEMORY_MAX, Queue
 from kubetriage.infra.sinks import SqliteSink, VerdictRecord
+from kubetriage.worker.runner import Worker
+from tests.waiting import eventually
 
 FP = Classification.FALSE_POSITIVE
 VALID = Classification.VALID
@@ -651,6 +660,151 @@ async def test_five_thousand_cases_build_and_answer() -> None:
     unrelated = script_request("segmentation fault in libfoo while rendering the invoice PDF",
                                script="suite001.spec.ts")
     assert await analyze(memory, unrelated) is None
+
+
+def mixed_cases(n: int, seed: int = 4) -> list[MemoryCase]:
+    """Script and alert cases on a few subjects, newest first; every tenth repeats an older text, verdict flipped."""
+    rnd = random.Random(seed)
+    words = "timeout refused reset database login checkout payment cart locator upstream gateway quota".split()
+    cases = []
+    for i in range(n):
+        verdict = rnd.choice([FP, VALID])
+        if i % 3:
+            body = " ".join(rnd.choice(words) for _ in range(rnd.randint(4, 12)))
+            cases.append(MemoryCase(text=f"suite{i % 9}.spec.ts: case {i % 4}: {body}", classification=verdict,
+                                    reason=f"reason {i}", source=f"row {i}", kind="scriptResult"))
+        else:
+            labels = {"namespace": f"team-{i % 5}", "severity": "warning", "code": str(rnd.choice([500, 503]))}
+            cases.append(alert_case(f"HttpErrors{i % 4}", labels, verdict, reason=f"reason {i}", source=f"row {i}"))
+    for i in range(0, n - 5, 10):  # a human changed their mind: the newer verdict must win the tie
+        older = cases[i + 5]
+        flipped = VALID if older.classification == FP else FP
+        cases[i] = older.model_copy(update={"classification": flipped, "source": f"row {i}"})
+    return cases
+
+
+def probes(case: MemoryCase) -> list[AnalysisRequest]:
+    """The case's own job, and one that differs by a word (its similarity depends on the IDF)."""
+    if case.kind == "alert":
+        name, _, rest = case.text.partition(" ")
+        labels = dict(pair.split("=", 1) for pair in rest.split())
+        return [alert_request(name, labels), alert_request(name, labels, summary="upstream gateway")]
+    script, test_case, error = case.text.split(": ", 2)
+    return [script_request(error, script=script, test_case=test_case),
+            script_request(f"{error} quota", script=script, test_case=test_case)]
+
+
+async def test_cases_added_later_answer_exactly_as_a_full_build() -> None:
+    """Issue 12: a worker adds each new verdict to its index instead of rebuilding it; the answers are the same."""
+    cases = mixed_cases(600)  # newest first
+    whole = MemoryAnalyzer(cases)
+    grown = MemoryAnalyzer(cases[450:])
+    for newer in (cases[300:450], cases[100:300], cases[:100]):  # each slice newer than the last, as published
+        assert grown.add(newer, prepare_cases(newer)) == len(newer)
+    assert grown.add([]) == 0
+    assert (grown.size, grown.cases, grown.skipped) == (whole.size, whole.cases, whole.skipped) == (whole.size, 600, 0)
+    compared = 0
+    for case in cases[::3]:
+        for request in probes(case):
+            full, added = whole.match(request, CTX), grown.match(request, CTX)
+            assert (full is None) == (added is None), request
+            if full is not None and added is not None:
+                compared += 1
+                assert added.similarity == pytest.approx(full.similarity, abs=1e-9)
+                assert (added.best.source, added.classification, added.votes) == (
+                    full.best.source, full.classification, full.votes)
+    assert compared > 200
+
+
+def filler_case(i: int) -> str:
+    """A small valid alert case, as the operator publishes it (cheap to index: the cap test needs 20000)."""
+    return memory_case(f"Filler{i % 500} namespace=ns{i} severity=warning", "valid", "filler (by bot)",
+                       f"ns{i}/filler-{i}", "alert", f"Filler{i % 500}")
+
+
+async def test_a_worker_at_the_cap_learns_every_new_human_verdict(redis_server: devenv.Redis) -> None:
+    """Issue 12: at MEMORY_MAX cases the list stops growing; the worker must still learn, without a rebuild.
+
+    A real Worker reads the operator's Redis list (no database) through its refresh; the cases come from
+    the operator's own publishing code.
+    """
+    client = aioredis.from_url(redis_server.url)
+    prefix = f"m{uuid.uuid4().hex[:8]}"
+    queue = Queue(client, prefix)
+    worker = Worker(Settings(pool="qa/default", redis_url=redis_server.url, redis_prefix=prefix))
+    try:
+        await queue.publish_human_cases(*(filler_case(i) for i in range(MEMORY_MAX)))
+        await worker.refresh_memory()
+        memory = worker.memory
+        assert memory is not None and memory.cases == MEMORY_MAX
+        request = script_request(CHECKOUT_TIMEOUT_AGAIN)
+        assert await analyze(memory, request) is None
+
+        summary = f"checkout.spec.ts: pays with card: {CHECKOUT_TIMEOUT}"
+        human = memory_case(summary, "false_positive", "cart LB restarts nightly (by alice)", "qa/run-7",
+                            "scriptResult", "checkout.spec.ts")
+        await queue.publish_human_cases(human)
+        assert len(await queue.memory_cases()) == MEMORY_MAX  # full: the oldest filler made room
+        await worker.refresh_memory()
+        assert worker.memory is memory, "the index was rebuilt instead of extended"
+        verdict = await analyze(memory, request)
+        assert verdict is not None and verdict.classification == FP
+        assert "matches human verdict on qa/run-7" in verdict.reason
+
+        # The same job recreated under its name and judged the same way: the very same entry again. Neither
+        # the length nor the newest entry changed; the version did, so it is learned as a second vote.
+        await queue.publish_human_cases(human)
+        await worker.refresh_memory()
+        again = await analyze(memory, request)
+        assert again is not None and "2 near-identical human verdicts: 2 false_positive" in again.reason
+
+        # A quarter more than Redis keeps: the worker rebuilds from the list in the background, dropping
+        # what Redis trimmed, and keeps what it learned meanwhile.
+        await queue.publish_human_cases(*(filler_case(i) for i in range(MEMORY_MAX, MEMORY_MAX + MEMORY_MAX // 4)))
+        await worker.refresh_memory()
+        assert worker.memory is memory and memory.cases == MEMORY_MAX + MEMORY_MAX // 4 + 2
+        later = memory_case(summary, "valid", "the cart really hangs since 2.3 (by bob)", "qa/run-9",
+                            "scriptResult", "checkout.spec.ts")
+        await queue.publish_human_cases(later)
+
+        async def rebuilt() -> MemoryAnalyzer | None:
+            await worker.refresh_memory()
+            return worker.memory if worker.memory is not memory else None
+
+        compact = await eventually(rebuilt, "the worker's rebuilt index", timeout=120)
+        assert compact.cases == MEMORY_MAX  # what the list holds, and nothing Redis let go of
+        newest = await analyze(compact, request)
+        assert newest is not None and "3 near-identical human verdicts: 2 false_positive, 1 valid" in newest.reason
+    finally:
+        await worker.redis.aclose()
+        keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def test_a_worker_reads_a_memory_list_written_before_it_had_a_version(redis_server: devenv.Redis) -> None:
+    """After an upgrade the list is there without a version: the worker still starts from it."""
+    client = aioredis.from_url(redis_server.url)
+    prefix = f"m{uuid.uuid4().hex[:8]}"
+    worker = Worker(Settings(pool="qa/default", redis_url=redis_server.url, redis_prefix=prefix))
+    summary = f"checkout.spec.ts: pays with card: {CHECKOUT_TIMEOUT}"
+    try:
+        # as the operator wrote it before issue 12 (the key name is Queue's, written here only to forge the past)
+        await client.rpush(f"{prefix}:memory", memory_case(summary, "false_positive", "LB restarts (by alice)",
+                                                           "qa/run-1", "scriptResult", "checkout.spec.ts"))
+        await worker.refresh_memory()
+        assert worker.memory is not None and worker.memory.cases == 1
+        await Queue(client, prefix).publish_human_cases(memory_case(
+            summary, "false_positive", "LB restarts (by bob)", "qa/run-2", "scriptResult", "checkout.spec.ts"))
+        await worker.refresh_memory()
+        assert worker.memory.cases == 2  # the first version: the whole list again, not one case on top of it
+        verdict = await analyze(worker.memory, script_request(CHECKOUT_TIMEOUT_AGAIN))
+        assert verdict is not None and "2 near-identical human verdicts: 2 false_positive" in verdict.reason
+    finally:
+        await worker.redis.aclose()
+        await client.delete(f"{prefix}:memory", f"{prefix}:memory:version")
+        await client.aclose()
 
 
 async def test_memory_decides_before_rules_in_the_chain() -> None:

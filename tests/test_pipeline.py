@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import EXAMPLES
-from tests.pipeline import Pipeline, alert_spec, script_spec, started
+from tests.pipeline import Pipeline, alert_spec, audit_events, flush_audit_log, script_spec, started
 
 pytestmark = pytest.mark.cluster
 
 
 async def test_examples_get_verdicts_in_status_events_and_database(pipeline: Pipeline) -> None:
-    files = [str(f) for f in sorted(EXAMPLES.glob("*.yaml")) if not f.name.startswith("00-")]
-    pipeline.cluster.kubectl("apply", "-n", pipeline.ns, *[arg for f in files for arg in ("-f", f)])
+    """The examples in the order the README gives: pools and TriageRules first, each rule Accepted (a rule
+    applies to jobs admitted after the operator observed it), then the jobs."""
+    docs = [d for f in sorted(EXAMPLES.glob("*.yaml")) if not f.name.startswith("00-")
+            for d in yaml.safe_load_all(f.read_text()) if d]
+    setup = [d for d in docs if d["kind"] != "TriageJob"]
+    rules = [d["metadata"]["name"] for d in setup if d["kind"] == "TriageRule"]
+    assert rules, "the examples hold TriageRules"
+    pipeline.cluster.kubectl("apply", "-n", pipeline.ns, "-f", "-", input=yaml.safe_dump_all(setup))
     pipeline.start_operator()
+    for name in rules:
+        await pipeline.wait_rule(name)
+    pipeline.cluster.kubectl("apply", "-n", pipeline.ns, "-f", "-",
+                             input=yaml.safe_dump_all([d for d in docs if d["kind"] == "TriageJob"]))
     names = [j["metadata"]["name"] for j in await pipeline.jobs()]
     assert len(names) >= 6
     jobs = await pipeline.wait_terminal(names)
@@ -35,6 +44,7 @@ async def test_examples_get_verdicts_in_status_events_and_database(pipeline: Pip
     assert jobs["script-backfill-dns"]["status"]["pool"] == f"{pipeline.ns}/backfill"
     assert jobs["alert-api-down"]["status"]["verdict"]["classification"] == "valid"
     assert jobs["alert-maintenance"]["status"]["verdict"]["classification"] == "false_positive"
+    assert "TriageRule maintenance-worker-12-kernel-patch" in jobs["alert-maintenance"]["status"]["verdict"]["reason"]
     rows = pipeline.audit_rows()
     assert sorted(r["job_name"] for r in rows) == sorted(names)
     for name in names:
@@ -233,13 +243,9 @@ async def test_api_writes_per_job_are_few(pipeline: Pipeline) -> None:
         return {e["involvedObject"]["name"] for e in items} >= set(names)
 
     await p.wait(all_events, "an Event for every job")
-    # The API server writes its audit log in batches, in order: once a write made after all of the
-    # operator's is in the file, theirs are too.
-    log = p.cluster.root / "logs" / "audit.log"
-    p.cluster.kubectl("create", "configmap", "audit-marker", "-n", p.ns)
-    await p.wait(lambda: _audited(log, p.ns, "configmaps", "audit-marker"), "the marker in the audit log")
+    log = await flush_audit_log(p)
     writes = Counter()
-    for ev in _audit_events(log):
+    for ev in audit_events(log):
         ref = ev.get("objectRef") or {}
         if ref.get("namespace") != p.ns or ev.get("stage") != "ResponseComplete":
             continue
@@ -303,22 +309,3 @@ async def test_an_invalid_verdict_from_a_worker_fails_the_job_instead_of_looping
     jobs = await p.wait_terminal(["odd"])
     st = jobs["odd"]["status"]
     assert st["phase"] == "Failed" and "the worker sent an invalid verdict" in st["message"]
-
-
-def _audit_events(log: Path) -> list[dict]:
-    """The API server's audit log, without a last line it may be writing right now."""
-    events = []
-    for line in log.read_text().splitlines() if log.exists() else []:
-        with contextlib.suppress(ValueError):
-            events.append(json.loads(line))
-    return events
-
-
-def _audited(log: Path, namespace: str, resource: str, name: str) -> bool:
-    """Whether the API server's audit log holds the completed write of that object."""
-    for ev in _audit_events(log):
-        ref = ev.get("objectRef") or {}
-        if ev.get("stage") == "ResponseComplete" and (
-                ref.get("namespace"), ref.get("resource"), ref.get("name")) == (namespace, resource, name):
-            return True
-    return False

@@ -68,7 +68,9 @@ async def test_prometheus_scrapes_operator_and_worker(pipeline: Pipeline, tmp_pa
             await asyncio.sleep(0)
             total = value(prom, 'sum(kubetriage_verdicts_total{job="kubetriage-operator"})')
             done = value(prom, 'sum(kubetriage_worker_jobs_total{job="kubetriage-worker",outcome="verdict"})')
-            return total == len(names) and done == len(names)
+            # a gauge the leader loop refreshes about once a second: it may trail the counters by a scrape
+            succeeded = value(prom, 'sum(kubetriage_jobs{phase="Succeeded"})')
+            return total == len(names) and done == len(names) and succeeded == len(names)
 
         await p.wait(scraped, "Prometheus to see every verdict", timeout=60, interval=1)
         for (classification, analyzer), n in expected.items():

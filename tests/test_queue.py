@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from devharness import devenv
-from kubetriage.infra.queue import DUPLICATES_TTL_FACTOR, EVENTS_GROUP, MEMORY_MAX, Claimed, Queue
+from kubetriage.infra.queue import DUPLICATES_TTL_FACTOR, EVENTS_GROUP, MEMORY_MAX, Claimed, MemoryDelta, Queue
 from tests.waiting import eventually
 
 POOL = "team-a/default"
@@ -372,17 +372,36 @@ async def test_a_human_override_replaces_the_remembered_verdict_and_keeps_its_ex
 # --------------------------------------------------------------------------- memory
 
 
-async def test_memory_list_keeps_the_newest_cases_and_its_version_changes_when_full(q: Q) -> None:
+async def test_memory_list_keeps_the_newest_cases_and_its_version_counts_every_publish(q: Q) -> None:
     assert not await q.queue.memory_seeded()
-    assert await q.queue.memory_version() == (0, None)
-    await q.queue.publish_human_cases()  # nothing to publish creates nothing
+    assert await q.queue.memory_version() is None
+    assert await q.queue.publish_human_cases() is None  # nothing to publish creates nothing
     assert not await q.queue.memory_seeded()
-    await q.queue.publish_human_cases(*(f'{{"n": {i}}}' for i in range(MEMORY_MAX)))
-    assert await q.queue.memory_seeded()
-    full = await q.queue.memory_version()
-    assert full == (MEMORY_MAX, f'{{"n": {MEMORY_MAX - 1}}}'.encode())
-    await q.queue.publish_human_cases('{"n": "newest"}')
+    full = await q.queue.publish_human_cases(*(f'{{"n": {i}}}' for i in range(MEMORY_MAX)))
+    assert full is not None and await q.queue.memory_seeded()
+    assert await q.queue.memory_version() == full
+    everything = await q.queue.memory_since(None)
+    assert (everything.version, everything.complete, len(everything.cases)) == (full, True, MEMORY_MAX)
+
+    # Full: the length stays MEMORY_MAX, the version still counts the new case (issue 12: workers stopped
+    # learning when they compared lengths), and a worker at the old version is sent only that case.
+    assert await q.queue.publish_human_cases('{"n": "newest"}') == full + 1
     cases = await q.queue.memory_cases()
     assert len(cases) == MEMORY_MAX
     assert (cases[0], cases[-1]) == (b'{"n": 1}', b'{"n": "newest"}')  # the oldest one made room
-    assert await q.queue.memory_version() != full  # same length, so workers need more than the length
+    assert await q.queue.memory_since(full) == MemoryDelta(full + 1, False, [b'{"n": "newest"}'])
+    assert await q.queue.memory_since(full + 1) == MemoryDelta(full + 1, False, [])
+    # The same case again is a new version too (the newest entry alone would not have changed).
+    assert await q.queue.publish_human_cases('{"n": "newest"}') == full + 2
+    # Behind by cases all still in the list: those; behind by more (some were trimmed): the whole list.
+    assert (await q.queue.memory_since(full - 1)).cases == [f'{{"n": {MEMORY_MAX - 1}}}'.encode(),
+                                                            b'{"n": "newest"}', b'{"n": "newest"}']
+    behind = await q.queue.memory_since(full - MEMORY_MAX)
+    assert (behind.version, behind.complete, len(behind.cases)) == (full + 2, True, MEMORY_MAX)
+
+    # Redis lost its data: the operator seeds a new memory, whose versions a worker's old one never matches.
+    await q.redis.delete(q.key("memory"), q.key("memory", "version"))
+    assert await q.queue.memory_version() is None
+    reseeded = await q.queue.publish_human_cases('{"n": "seed"}')
+    assert reseeded is not None and reseeded > full + 2 + MEMORY_MAX
+    assert await q.queue.memory_since(full + 2) == MemoryDelta(reseeded, True, [b'{"n": "seed"}'])

@@ -14,27 +14,37 @@ import io
 import random
 import re
 import struct
+import sys
+import threading
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from PIL import Image, ImageDraw
 
+from devharness import devenv
 from kubetriage.analyzers.llm import SYSTEM_PROMPT, LLMConfig
 from kubetriage.analyzers.vision import (
     VISION_RULES,
     ImageRefused,
+    PixelBudget,
     VisionAnalyzer,
     VisionConfig,
+    decoded_pixels,
     image_sources,
     prepare_image,
     sniff,
 )
 from kubetriage.api.contract import AnalysisContext, AnalysisRequest
-from kubetriage.api.models import Classification, Screenshot, ScriptResult, Source
+from kubetriage.api.models import AnalyzerName, Classification, Screenshot, ScriptResult, Source
+from kubetriage.infra.queue import Event, Queue
 from tests.fakellm import FakeLLM
 from tests.localhttp import LocalHTTPServer, Route
+from tests.waiting import eventually
 
 MODEL = "fake/triage-vision"
 FENCE = re.compile(r"<<<UNTRUSTED-DATA-([0-9a-f]{32})>>>\n(.*)\n<<<END-UNTRUSTED-DATA-\1>>>", re.DOTALL)
@@ -123,7 +133,8 @@ async def make(llm: FakeLLM, files: LocalHTTPServer) -> AsyncIterator[MakeVision
     made: list[VisionAnalyzer] = []
 
     def factory(**limits: Any) -> VisionAnalyzer:
-        config = LLMConfig(base_url=llm.url, model=MODEL, timeout_seconds=10, max_retries=0)
+        config = LLMConfig(base_url=llm.url, model=MODEL, timeout_seconds=10, max_retries=0,
+                           allow_http=True, allow_private_endpoints=True)  # FakeLLM: http on loopback
         analyzer = VisionAnalyzer(config, VisionConfig(**limits), allow_private_for_tests=files.exempt)
         made.append(analyzer)
         return analyzer
@@ -397,3 +408,178 @@ async def test_repair_round_keeps_the_images(make: MakeVision, llm: FakeLLM) -> 
     assert len(llm.requests) == 2
     assert [len(sent_images(r)) for r in llm.requests] == [1, 1]
     assert verdict.tokens is not None and verdict.tokens.total > 0
+
+
+# --------------------------------------------------------------------------- decode budgets
+
+
+async def test_a_job_decodes_only_its_pixel_budget_and_says_which_images_it_refused(
+    make: MakeVision, llm: FakeLLM
+) -> None:
+    analyzer = make(max_job_pixels=25_000)
+    request = request_for([Screenshot(data=b64(drawn_png(100, 100, text=f"shot {i}"))) for i in range(3)])
+    verdict = await analyzer.analyze(request, CTX)
+    assert verdict is not None
+    assert len(sent_images(llm.requests[0])) == 2  # 2 x 10000 pixels fit; the third would make 30000
+    [note] = analyzer.refusals_for(request.uid)
+    assert note.startswith("screenshot 3: ") and "would exceed the job's 25000-pixel budget" in note
+
+
+def test_webp_counts_double_against_the_pixel_cap() -> None:
+    """libwebp decodes into its own full-size buffer before Pillow copies it: twice the memory of a PNG."""
+    config = VisionConfig(max_input_pixels=20_000, max_worker_pixels=20_000)
+    png, webp = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (120, 100), (200, 30, 30)).save(png, format="PNG")
+    Image.new("RGB", (120, 100), (200, 30, 30)).save(webp, format="WEBP")
+    assert decoded_pixels(png.getvalue(), config) == 12_000
+    assert prepare_image(png.getvalue(), config).width == 120
+    with pytest.raises(ImageRefused, match=r"12000 pixels \(x2: .*libwebp.*over the 20000-pixel cap"):
+        decoded_pixels(webp.getvalue(), config)
+    with pytest.raises(ImageRefused, match="x2"):
+        prepare_image(webp.getvalue(), config)
+
+
+def test_the_worker_budget_must_fit_the_largest_image() -> None:
+    with pytest.raises(ValueError, match="max_worker_pixels must be at least max_input_pixels"):
+        VisionConfig(max_input_pixels=30_000_000, max_worker_pixels=25_000_000)
+
+
+class Gate:
+    """A decode stand-in run by the budget's threads: says when it started, returns when released."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> str:
+        self.started.set()
+        assert self.release.wait(60), "never released"
+        return "decoded"
+
+
+async def test_the_worker_budget_holds_a_decode_until_its_pixels_are_free() -> None:
+    budget = PixelBudget(100, decodes=2)
+    first, second, small = Gate(), Gate(), Gate()
+    try:
+        running = asyncio.create_task(budget.run(60, first))
+        await eventually(first.started.is_set, "the first decode to start")
+        waiting = asyncio.create_task(budget.run(60, second))
+        behind = asyncio.create_task(budget.run(10, small))  # would fit, but waits its turn behind the big one
+        await eventually(lambda: budget.waiting, "both later decodes to queue", accept=lambda n: n == 2)
+        assert budget.free == 40
+        assert not second.started.is_set() and not small.started.is_set()
+        first.release.set()
+        assert await running == "decoded"
+        await eventually(second.started.is_set, "the second decode to start once the first gave its pixels back")
+        await eventually(small.started.is_set, "the small decode to start in the room left")
+        assert budget.free == 30
+        second.release.set()
+        small.release.set()
+        assert await asyncio.gather(waiting, behind) == ["decoded", "decoded"]
+        assert (budget.free, budget.waiting) == (100, 0)
+    finally:
+        for gate in (first, second, small):
+            gate.release.set()
+        budget.close()
+
+
+async def test_a_cancelled_job_keeps_its_pixels_counted_until_its_decode_returns() -> None:
+    """A job past its deadline stops waiting, but the thread still holds the decoded frame."""
+    budget = PixelBudget(100, decodes=2)
+    gate, holder = Gate(), Gate()
+    try:
+        task = asyncio.create_task(budget.run(70, gate))
+        await eventually(gate.started.is_set, "the decode to start")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert budget.free == 30
+        gate.release.set()
+        await eventually(lambda: budget.free, "the pixels to come back when the thread returns",
+                         accept=lambda free: free == 100)
+
+        held = asyncio.create_task(budget.run(70, holder))
+        await eventually(holder.started.is_set, "a decode to hold 70 pixels")
+        queued = asyncio.create_task(budget.run(80, Gate()))  # cancelled while waiting: leaves no trace
+        await eventually(lambda: budget.waiting, "the decode to queue", accept=lambda n: n == 1)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert (budget.free, budget.waiting) == (30, 0)
+        holder.release.set()
+        assert await held == "decoded"
+        assert budget.free == 100
+    finally:
+        gate.release.set()
+        holder.release.set()
+        budget.close()
+
+
+# --------------------------------------------------------------------------- a real worker's memory
+
+WORKER_PEAK_LIMIT = 384 * 1024 * 1024
+
+
+def flat_rgba_png(side: int, shade: int) -> bytes:
+    """A huge screenshot that compresses to ~110 KB: flat colour, a banner and a caption, with alpha."""
+    img = Image.new("RGBA", (side, side), (shade, shade, shade, 255))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((100, 100, side - 100, 400), fill=(200, 30, 30, 255))
+    draw.text((200, 600), f"Error 500 (shade {shade})", fill=(0, 0, 0, 255))
+    out = io.BytesIO()
+    img.save(out, format="PNG", compress_level=9)
+    return out.getvalue()
+
+
+def peak_rss(pid: int) -> int:
+    """The process's high-water resident set size (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+async def test_a_worker_decoding_four_huge_pngs_stays_under_its_memory_limit(
+    redis_server: devenv.Redis, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """Issue 12 item 2: four inline 5000x5000 RGBA PNGs (each inside every cap) took a worker to 924 MB.
+
+    A real ``kubetriage worker`` process claims the job from the session's Redis and sends the images to
+    FakeLLM; its peak RSS, read from the kernel, must leave room under the chart's 512Mi limit.
+    """
+    shots = [flat_rgba_png(5000, 230 + i) for i in range(4)]
+    assert all(len(b64(s)) < 200_000 for s in shots)  # small on the wire: the cost is all in decoding
+    prefix, pool = f"t{uuid.uuid4().hex[:8]}", "qa/vision"
+    worker = devenv.spawn(f"worker-{prefix}", [sys.executable, "-m", "kubetriage", "worker"], tmp_path, env={
+        "KUBETRIAGE_REDIS_URL": redis_server.url, "KUBETRIAGE_REDIS_PREFIX": prefix, "KUBETRIAGE_POOL": pool,
+        "KUBETRIAGE_LLM_BASE_URL": llm.url, "KUBETRIAGE_LLM_VISION_MODEL": MODEL, "KUBETRIAGE_LLM_API_KEY": "k",
+        "KUBETRIAGE_LLM_ALLOW_HTTP": "true", "KUBETRIAGE_LLM_ALLOW_PRIVATE_ENDPOINTS": "true",  # FakeLLM
+        "KUBETRIAGE_METRICS_PORT": "0",
+    })
+    redis = aioredis.from_url(redis_server.url)
+    try:
+        queue = Queue(redis, prefix)
+        await queue.ensure_group()
+        request = request_for([Screenshot(data=b64(s), media_type="image/png") for s in shots], name="huge-pngs")
+        request = request.model_copy(update={"analyzer": AnalyzerName.VISION})  # the rules would decide this text alone
+        await queue.enqueue(uid=request.uid, pool=pool, priority=1, namespace=request.namespace,
+                            name=request.name, max_attempts=1,
+                            payload=request.model_dump(mode="json", exclude_none=True))
+        seen: list[Event] = []
+
+        async def finished() -> Event | None:
+            seen.extend(await queue.read_events("test", block_ms=200))
+            return next((e for e in seen if e.uid == request.uid and e.type in ("result", "failed")), None)
+
+        done = await eventually(finished, "the worker's verdict on the job", timeout=120,
+                                give_up=lambda: None if worker.alive() else f"worker exited:\n{worker.tail()}",
+                                context=worker.tail)
+        peak = peak_rss(worker.popen.pid)
+    finally:
+        worker.stop()
+        await redis.aclose()
+    assert done.type == "result", done.body
+    assert "[vision: 4 image(s) sent]" in done.body  # in the verdict's reason, whatever the safety policy made of it
+    [sent] = llm.requests
+    assert [Image.open(io.BytesIO(data)).size for _, data in sent_images(sent)] == [(1568, 1568)] * 4
+    assert peak < WORKER_PEAK_LIMIT, f"worker peak RSS {peak / 2**20:.0f} MiB"

@@ -5,11 +5,13 @@ alert fire or a test print controls. Fetched naively from inside the cluster,
 ``http://169.254.169.254/latest/meta-data/`` hands out cloud credentials and
 ``http://10.0.0.5:6379/`` talks to internal services. So:
 
-* only ``http`` and ``https``; no userinfo (``http://example.com@127.0.0.1/``
-  is a classic parser-confusion trick, and credentials have no business in a
-  report link); no backslashes, whitespace or control characters; no numeric
-  host forms other than canonical IP literals (``http://2130706433/``,
-  ``http://0x7f.1/`` are 127.0.0.1 to some resolvers);
+* the URL must pass the shared outbound-URL policy (``kubetriage.api.urlpolicy``,
+  with plain ``http`` allowed here and internal addresses not): no userinfo
+  (``http://example.com@127.0.0.1/`` is a classic parser-confusion trick, and
+  credentials have no business in a report link); no backslashes, whitespace
+  or control characters; no numeric host forms other than canonical IP
+  literals (``http://2130706433/``, ``http://0x7f.1/`` are 127.0.0.1 to some
+  resolvers);
 * the host is resolved FIRST and every address it resolves to must be
   globally routable: loopback, RFC 1918, unique-local, link-local (the cloud
   metadata endpoint), CGNAT, unspecified, multicast, reserved and
@@ -19,7 +21,8 @@ alert fire or a test print controls. Fetched naively from inside the cluster,
   with the ``Host`` header and TLS SNI/certificate name of the original host),
   so a DNS answer that changes between the check and the connect (DNS
   rebinding) cannot move the request; environment proxies are ignored for the
-  same reason;
+  same reason. This step is ``pin``, which the LLM client uses for its base
+  URL too, under the pool's own policy;
 * redirects are followed by hand, at most ``max_redirects``, and every hop is
   vetted like the first; an ``https`` -> ``http`` downgrade is refused;
 * the body is streamed under a byte cap and the whole exchange (DNS,
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 import ssl
 import urllib.parse
@@ -42,21 +44,22 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from kubetriage.api import urlpolicy
+from kubetriage.api.urlpolicy import Target, URLPolicy, URLRefused
+
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPAddress = urlpolicy.IPAddress
 
 DEFAULT_MAX_REDIRECTS = 3
 USER_AGENT = "kubetriage-fetch/0.1"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-MAX_URL_LENGTH = 2048
+MAX_URL_LENGTH = urlpolicy.MAX_URL_LENGTH
+# Report and screenshot links: plain http is common there, internal addresses never are.
+FETCH_POLICY = URLPolicy(allow_http=True, allow_private=False)
 
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_METADATA = ipaddress.ip_address("169.254.169.254")
-_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-_HOST_CHARS = re.compile(r"^[a-z0-9_.-]{1,253}$")
-_NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
-_BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
+# The address classification and the URL shape rules are the shared outbound-URL policy's.
+address_problem = urlpolicy.address_problem
+describe = urlpolicy.describe
 
 
 class FetchRefused(Exception):
@@ -65,6 +68,10 @@ class FetchRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class LookupFailed(Exception):
+    """The host name did not resolve (DNS down or the name unknown): a fault that may pass, not a refusal."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,123 +87,62 @@ class Fetched:
 
 
 @dataclass(frozen=True, slots=True)
-class _Target:
-    scheme: str
-    host: str  # IDNA ASCII, lower case, or the IP literal without brackets
-    port: int
-    path: str  # path and query, never empty
-    literal: IPAddress | None
+class Pinned:
+    """A URL that passed the policy, bound to the one vetted address the connection must go to."""
+
+    target: Target
+    address: IPAddress
 
     @property
-    def default_port(self) -> bool:
-        return self.port == (443 if self.scheme == "https" else 80)
+    def url(self) -> str:
+        """What to hand the HTTP client: the URL with the vetted IP in place of the host."""
+        return self.target.pinned_url(self.address)
 
     @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if isinstance(self.literal, ipaddress.IPv6Address) else self.host
-        return host if self.default_port else f"{host}:{self.port}"
+    def headers(self) -> dict[str, str]:
+        """The ``Host`` the server expects (the original name, not the IP)."""
+        return {"Host": self.target.host_header}
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """httpx/httpcore request extensions: TLS SNI and certificate check against the original name."""
+        if self.target.scheme == "https" and self.target.literal is None:
+            return {"sni_hostname": self.target.host}
+        return {}
 
 
-def describe(url: str) -> str:
-    """The URL without userinfo, query or fragment: enough to name it, nothing secret."""
+async def system_resolver(host: str, port: int) -> list[str]:
+    """The system's getaddrinfo, as a ``Resolver``."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return [str(info[4][0]) for info in infos]
+
+
+async def pin(
+    url: str,
+    policy: URLPolicy,
+    *,
+    resolver: Resolver | None = None,
+    exempt: Collection[tuple[str, int]] = frozenset(),
+) -> Pinned:
+    """The connect-time half of the outbound-URL policy: check, resolve, vet every address, pin one.
+
+    Raises ``urlpolicy.URLRefused`` when the policy refuses the URL or any address its host resolves to,
+    and ``LookupFailed`` when the name does not resolve. Connect to ``Pinned.url`` with
+    ``Pinned.headers`` and ``Pinned.extensions``: the URL names the vetted address, so a DNS answer that
+    changes between this check and the connection (DNS rebinding) cannot move the request, and TLS still
+    checks the certificate against the original name. ``exempt``: exact ``(ip, port)`` pairs for tests only.
+    """
+    target = urlpolicy.check(url, policy, exempt)
+    if target.literal is not None:
+        return Pinned(target, target.literal)
     try:
-        parts = urllib.parse.urlsplit(url[:MAX_URL_LENGTH])
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "(unparseable URL)"
-    path = parts.path[:120]
-    return f"{parts.scheme}://{host}{port}{path}" if parts.scheme else path or "(empty URL)"
-
-
-def address_problem(ip: IPAddress) -> str | None:
-    """Why a connection to ``ip`` is refused ("a loopback address", ...), or None for a public unicast address."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded: tuple[str, ipaddress.IPv4Address] | None = None
-        if ip.ipv4_mapped is not None:
-            embedded = ("an IPv4-mapped IPv6 form", ip.ipv4_mapped)
-        elif ip in _IPV4_COMPATIBLE and not ip.is_unspecified and not ip.is_loopback:
-            return "a deprecated IPv4-compatible IPv6 address"
-        elif any(ip in net for net in _NAT64):
-            embedded = ("a NAT64 form", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        elif ip.sixtofour is not None:
-            embedded = ("a 6to4 form", ip.sixtofour)
-        elif ip.teredo is not None:
-            return "a Teredo tunnel address"
-        if embedded is not None:
-            form, inner = embedded
-            problem = address_problem(inner)
-            return f"{form} of {inner}, {problem}" if problem else None
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip == _METADATA:
-        return "a link-local address (the cloud metadata endpoint)"
-    if ip.is_link_local:
-        return "a link-local address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
-        return "a carrier-grade NAT address (100.64.0.0/10)"
-    if ip.is_private:
-        return "a private or special-purpose address"
-    if ip.is_reserved:
-        return "a reserved address"
-    if not ip.is_global:
-        return "a non-global address"
-    return None
-
-
-def _parse(url: str) -> _Target:
-    """Split and check a URL with one parser; the request is built from these parts only."""
-    if len(url) > MAX_URL_LENGTH:
-        raise FetchRefused(f"URL longer than {MAX_URL_LENGTH} characters")
-    if _BAD_URL_CHARS.search(url):
-        raise FetchRefused(f"URL contains whitespace, a control character or a backslash: {describe(url)}")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise FetchRefused(f"malformed URL ({exc}): {describe(url)}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise FetchRefused(f"scheme {scheme or '(none)'!r} is not allowed; only http and https")
-    if "@" in parts.netloc:
-        raise FetchRefused(f"URL carries userinfo (user@host), refused: {describe(url)}")
-    raw_host = parts.hostname or ""
-    if not raw_host:
-        raise FetchRefused("URL has no host")
-    literal: IPAddress | None = None
-    if raw_host.startswith("[") or ":" in raw_host or "%" in raw_host:
-        try:
-            literal = ipaddress.IPv6Address(raw_host.strip("[]"))
-        except ValueError:
-            raise FetchRefused(f"invalid IPv6 host: {describe(url)}") from None
-        if literal.scope_id:
-            raise FetchRefused("IPv6 host with a zone id, refused")
-        host = str(literal)
-    else:
-        try:
-            host = raw_host.encode("idna").decode("ascii").lower().rstrip(".")
-        except UnicodeError:
-            raise FetchRefused(f"host is not a valid internationalised name: {describe(url)}") from None
-        try:
-            literal = ipaddress.IPv4Address(host)
-        except ValueError:
-            literal = None
-        if literal is None:
-            if not _HOST_CHARS.match(host) or ".." in host or host.startswith((".", "-")):
-                raise FetchRefused(f"invalid host name {host[:80]!r}")
-            labels = host.split(".")
-            # Shorthand, octal, hex and integer IPv4 forms are resolved differently by different
-            # libraries; only the canonical dotted quad is an IP here, anything numeric-looking is refused.
-            if _NUMERIC_LABEL.match(labels[-1]) or all(_NUMERIC_LABEL.match(lab) for lab in labels):
-                raise FetchRefused(f"ambiguous numeric host {host[:80]!r}; use a dotted-quad IP or a name")
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    return _Target(scheme, host, port or (443 if scheme == "https" else 80), path, literal)
+        answers = await (resolver or system_resolver)(target.host, target.port)
+    except (OSError, UnicodeError) as exc:
+        raise LookupFailed(f"DNS lookup of {target.host} failed: {exc}") from None
+    if not answers:
+        raise LookupFailed(f"{target.host} does not resolve to any address")
+    return Pinned(target, urlpolicy.vet_addresses(target, answers, policy, exempt))
 
 
 def _host_allowed(host: str, allow_hosts: Collection[str]) -> bool:
@@ -209,40 +155,6 @@ def _host_allowed(host: str, allow_hosts: Collection[str]) -> bool:
         elif host == p:
             return True
     return False
-
-
-async def _system_resolver(host: str, port: int) -> list[str]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [str(info[4][0]) for info in infos]
-
-
-async def _vetted_address(
-    target: _Target, resolver: Resolver | None, exempt: Collection[tuple[str, int]]
-) -> IPAddress:
-    """The address to connect to; every address the host has must pass, not just the first."""
-    if target.literal is not None:
-        candidates: list[IPAddress] = [target.literal]
-    else:
-        try:
-            answers = await (resolver or _system_resolver)(target.host, target.port)
-        except (OSError, UnicodeError) as exc:
-            raise FetchRefused(f"DNS lookup of {target.host} failed: {exc}") from None
-        candidates = []
-        for answer in answers:
-            try:
-                # A scope id (fe80::1%eth0) only ever comes with link-local, refused below anyway.
-                candidates.append(ipaddress.ip_address(str(answer).split("%", 1)[0]))
-            except ValueError:
-                raise FetchRefused(f"resolver returned a non-address for {target.host}") from None
-        if not candidates:
-            raise FetchRefused(f"{target.host} does not resolve to any address")
-    for ip in candidates:
-        problem = address_problem(ip)
-        if problem and (str(ip), target.port) not in exempt:
-            via = "" if target.literal is not None else f"{target.host} resolves to "
-            raise FetchRefused(f"{via}{ip}: {problem}; refused")
-    return candidates[0]
 
 
 def _caused_by_tls(exc: BaseException) -> bool:
@@ -338,24 +250,29 @@ async def _fetch(
         timeout=httpx.Timeout(timeout),
     ) as client:
         while True:
-            target = _parse(current)
+            try:
+                target = urlpolicy.parse(current, FETCH_POLICY)
+            except URLRefused as exc:
+                raise FetchRefused(exc.reason) from None
             if previous_scheme == "https" and target.scheme == "http":
                 raise FetchRefused(f"redirect downgrades https to http: {describe(current)}")
             if allow_hosts is not None and not _host_allowed(target.host, allow_hosts):
                 raise FetchRefused(f"host {target.host} is not in the allowed hosts")
-            ip = await _vetted_address(target, resolver, exempt)
-            pinned = f"[{ip}]" if isinstance(ip, ipaddress.IPv6Address) else str(ip)
-            request_url = f"{target.scheme}://{pinned}:{target.port}{target.path}"
+            try:
+                pinned = await pin(current, FETCH_POLICY, resolver=resolver, exempt=exempt)
+            except (URLRefused, LookupFailed) as exc:
+                raise FetchRefused(str(exc)) from None
+            ip = pinned.address
             headers = {
-                "Host": target.host_header,
+                **pinned.headers,
                 "User-Agent": USER_AGENT,
                 "Accept": ", ".join(allowed_content_types) or "*/*",
                 # Compressed bodies would be inflated past the byte cap's intent before we count them.
                 "Accept-Encoding": "identity",
             }
-            extensions = {"sni_hostname": target.host} if target.scheme == "https" and target.literal is None else {}
             try:
-                async with client.stream("GET", request_url, headers=headers, extensions=extensions) as response:
+                async with client.stream("GET", pinned.url, headers=headers,
+                                         extensions=pinned.extensions) as response:
                     if response.status_code in REDIRECT_STATUSES:
                         location = response.headers.get("location")
                         if not location:

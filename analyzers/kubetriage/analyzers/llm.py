@@ -18,6 +18,12 @@ make an alert fire or a test print can write text into it. So the design is:
   derived from the classification, never taken from the model, so a model
   talked into writing ``"discard": true`` next to ``"valid"`` changes nothing.
 
+The base URL follows the outbound-URL policy (``kubetriage.api.urlpolicy``):
+https and a public address unless ``allow_http`` / ``allow_private_endpoints``
+opt in, never a cloud metadata address. It is checked at every connection
+(``fetch.pin``: resolve, vet every address, connect to the vetted one), so the
+API key is never sent to a refused address.
+
 Transport faults (429, 5xx, timeouts, resets) are retried with backoff; a bad
 answer gets exactly one repair round; everything else fails fast with an
 ``LLMError`` that never contains the API key.
@@ -41,8 +47,10 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kubetriage.analyzers.fetch import LookupFailed, Resolver, pin
 from kubetriage.api.contract import AnalysisContext, AnalysisRequest
 from kubetriage.api.models import Classification, Tokens, Verdict, verdict_from_classification
+from kubetriage.api.urlpolicy import URLPolicy, URLRefused, describe
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +173,10 @@ class LLMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_url: str = Field("https://openrouter.ai/api/v1", pattern=r"^https?://", max_length=2048)
+    # The outbound-URL policy's opt-ins (kubetriage.api.urlpolicy) for the base URL: an in-cluster model
+    # server may be plain http on a private address; nothing else should be, since the API key goes there.
+    allow_http: bool = False
+    allow_private_endpoints: bool = False
     model: str = Field(min_length=1, max_length=256)
     api_key: str = Field("", repr=False)
     timeout_seconds: float = Field(60, gt=0, le=3600)
@@ -506,7 +518,8 @@ def _payload(
                 "attempt": r.attempt,
                 "durationSeconds": r.duration_seconds,
                 "commit": s(r.commit),
-                "reportURL": s(r.report_url),
+                # where the report is, not how to open it: a pre-signed query string is a credential
+                "reportURL": s(describe(r.report_url)) if r.report_url else None,
                 "screenshots": len(r.screenshots) if r.screenshots else None,
                 "history": history[-max(1, int(HISTORY_ENTRIES * scale)) :],
             }
@@ -660,8 +673,11 @@ class LLMAnalyzer:
 
     name = "llm"
 
-    def __init__(self, config: LLMConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: LLMConfig, client: httpx.AsyncClient | None = None, *,
+                 resolver: Resolver | None = None) -> None:
         self.config = config
+        self._policy = URLPolicy(allow_http=config.allow_http, allow_private=config.allow_private_endpoints)
+        self._resolver = resolver  # None: the system's; tests answer names without DNS
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout_seconds), follow_redirects=False
@@ -831,13 +847,34 @@ class LLMAnalyzer:
         model = body.get("model")
         return _content_text(body), model if isinstance(model, str) and model else None
 
+    def _refused(self, refused: URLRefused) -> LLMError:
+        hint = {
+            "private": "; for an in-cluster endpoint set the pool's spec.analyzer.allowPrivateEndpoints: true "
+                       "(worker: KUBETRIAGE_LLM_ALLOW_PRIVATE_ENDPOINTS)",
+            "http": "; for a plain-http endpoint set the pool's spec.analyzer.allowHTTP: true "
+                    "(worker: KUBETRIAGE_LLM_ALLOW_HTTP)",
+        }.get(refused.opt_in or "", "")
+        return self._error(f"base URL {describe(self.config.base_url)} refused, nothing sent: {refused.reason}{hint}")
+
     async def _send(self, body: dict[str, Any]) -> tuple[int, httpx.Headers, bytes]:
-        """POST and read at most ``max_reply_bytes`` of the answer (less for an error answer)."""
+        """POST and read at most ``max_reply_bytes`` of the answer (less for an error answer).
+
+        The base URL is checked at every connection, not only when the pool was reconciled: the name is
+        resolved, every address vetted, and the request sent to the vetted address, so neither a changed
+        DNS answer nor a pool that skipped validation can send the API key to a refused address.
+        """
+        try:
+            pinned = await pin(self._url, self._policy, resolver=self._resolver)
+        except URLRefused as refused:
+            raise self._refused(refused) from None
+        except LookupFailed as exc:  # DNS may come back: an attempt that may succeed later
+            raise _Retriable(f"transport error: {exc}") from None
         async with self._client.stream(
             "POST",
-            self._url,
+            pinned.url,
             json=body,
-            headers=self._headers,
+            headers={**self._headers, **pinned.headers},
+            extensions=pinned.extensions,
             timeout=httpx.Timeout(self.config.timeout_seconds),
         ) as response:
             ok = response.status_code == 200

@@ -64,8 +64,12 @@ Text comparison:
   its text differs only in what the stored summary could not parse;
 * similarity is TF-IDF cosine over word n-grams and character n-grams,
   computed in pure Python: no model download, no network, deterministic, and
-  fast enough for the 5000 cases ``human_verdicts()`` returns (the index is
-  built once, in ``__init__``);
+  fast enough for the 20000 cases a worker holds. The index is built once, in
+  ``__init__``, then grows with ``add`` (a worker learns each new human
+  verdict in milliseconds): entries keep only term frequencies and IDF is
+  applied at query time from the current document frequencies, so an added
+  case never re-weighs the others and every similarity is exactly what a
+  full rebuild would give;
 * human verdicts weigh far above AI ones: AI-labelled cases are ignored unless
   ``ai_weight`` is set, and even then only consulted when no human case
   matches, with their confidence scaled down. Otherwise the analyzer would
@@ -82,13 +86,17 @@ into the verdict reason (sanitised and capped), never into a prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
+import hashlib
 import heapq
 import itertools
+import json
 import math
 import re
 import unicodedata
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -365,7 +373,8 @@ def _hosts(toks: Iterable[str]) -> frozenset[str]:
 
 # --------------------------------------------------------------------------- vectors
 
-Vector = dict[str, float]
+# A query's weights by feature id (features no indexed case has only count in its norm).
+Vector = dict[int, float]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -389,17 +398,86 @@ def _features(toks: Sequence[str]) -> tuple[Counter[str], Counter[str]]:
     return words, chars
 
 
-def _weigh(counts: Counter[str], idf: Mapping[str, float], unseen: float) -> Vector:
-    """Sublinear TF times IDF, L2-normalised; features the index never saw get the highest IDF."""
-    vec = {f: (1.0 + math.log(c)) * idf.get(f, unseen) for f, c in counts.items()}
-    norm = math.sqrt(sum(v * v for v in vec.values()))
-    return {f: v / norm for f, v in vec.items()} if norm else {}
+_TF = tuple(1.0 + math.log(count) if count else 0.0 for count in range(64))
 
 
-def _dot(a: Vector, b: Vector) -> float:
-    if len(a) > len(b):
-        a, b = b, a
-    return sum(v * b.get(f, 0.0) for f, v in a.items())
+def _tf(count: int) -> float:
+    """Sublinear term frequency; most counts are small, so they come from a table."""
+    return _TF[count] if count < len(_TF) else 1.0 + math.log(count)
+
+
+def _idf(n: int, df: int) -> float:
+    """Smoothed IDF (as scikit-learn's): a feature in every entry still weighs 1; one no entry has weighs most."""
+    return math.log((n + 1) / (df + 1)) + 1.0
+
+
+class _Space:
+    """One feature space (word n-grams, or character n-grams): feature ids and their document frequencies.
+
+    An entry stores only its sublinear term frequencies (1 + log count) by
+    feature id, in two flat arrays; IDF is applied when a query is scored,
+    from the document frequencies as they are then. So indexing a new case
+    only counts its own features (nothing indexed before is re-weighed), and
+    the similarity is exactly the TF-IDF cosine a full rebuild would compute.
+    The flat arrays also keep 20000 cases in tens of MB instead of hundreds.
+    """
+
+    __slots__ = ("_dirty", "_idf", "_idf_n", "df", "ids")
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.df: list[int] = []
+        self._idf: list[float] = []
+        self._idf_n = -1
+        self._dirty = False
+
+    def index(self, counts: Counter[str]) -> tuple[array[int], array[float]]:
+        """A new entry's feature ids and term frequencies; each of its features counts once more in the df."""
+        known, df = self.ids, self.df
+        fids: list[int] = []
+        for feature in counts:
+            fid = known.get(feature)
+            if fid is None:
+                fid = known[feature] = len(df)
+                df.append(0)
+            df[fid] += 1
+            fids.append(fid)
+        self._dirty = True
+        return array("I", fids), array("d", [_tf(count) for count in counts.values()])
+
+    def idf(self, n: int) -> list[float]:
+        """IDF by feature id for ``n`` entries; recomputed (one pass over the vocabulary) only after a change."""
+        if self._dirty or self._idf_n != n:
+            self._idf = [_idf(n, df) for df in self.df]
+            self._idf_n, self._dirty = n, False
+        return self._idf
+
+    def query(self, counts: Counter[str], n: int) -> Vector:
+        """The job's TF-IDF weights, L2-normalised, by feature id; features the index never saw weigh the most."""
+        idf = self.idf(n)
+        unseen = _idf(n, 0)
+        known: Vector = {}
+        total = 0.0
+        for feature, count in counts.items():
+            fid = self.ids.get(feature)
+            weight = _tf(count) * (unseen if fid is None else idf[fid])
+            total += weight * weight
+            if fid is not None:
+                known[fid] = weight
+        norm = math.sqrt(total)
+        return {fid: w / norm for fid, w in known.items()} if norm else {}
+
+
+def _cosine(query: Vector, ids: array[int], tfs: array[float], idf: Sequence[float]) -> float:
+    """The query's cosine with one entry, weighing the entry with today's IDF."""
+    dot = total = 0.0
+    for fid, tf in zip(ids, tfs, strict=True):
+        weight = tf * idf[fid]
+        total += weight * weight
+        mine = query.get(fid)
+        if mine is not None:
+            dot += mine * weight
+    return dot / math.sqrt(total) if total else 0.0
 
 
 # --------------------------------------------------------------------------- cases
@@ -503,8 +581,13 @@ class _Entry:
     human: bool
     scoped: bool  # alerts with a human scope: the scoped labels decide, not the text
     views: list[_View] = field(default_factory=list)
-    words: Vector = field(default_factory=dict)
-    chars: Vector = field(default_factory=dict)
+    # Feature ids and term frequencies in the word and character spaces (see _Space).
+    word_ids: array[int] = field(default_factory=lambda: array("I"))
+    word_tfs: array[float] = field(default_factory=lambda: array("d"))
+    char_ids: array[int] = field(default_factory=lambda: array("I"))
+    char_tfs: array[float] = field(default_factory=lambda: array("d"))
+    # 1 / the word vector's norm under the IDF of when it was indexed: only ranks candidates (see _candidates).
+    word_scale: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,6 +637,39 @@ def _view(index: int, case: MemoryCase) -> tuple[_View, str, list[str]] | None:
         view = _View(index, case, {}, {}, rest, _first_segment(rest), _hosts(toks), expires)
         return view, script, toks or [EMPTY_TOKEN]
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCase:
+    """A case parsed and tokenised for the index (most of what indexing costs), not yet numbered.
+
+    ``key`` is a digest of the tokens: identical texts share an entry (a 128-bit digest, so no two different
+    texts share one in practice), without each entry keeping its token list.
+    """
+
+    view: _View
+    subject: str
+    key: bytes
+    words: Counter[str]
+    chars: Counter[str]
+
+
+def prepare_case(case: MemoryCase) -> PreparedCase | None:
+    """The case ready to index; None when it can never apply (inconclusive, or no kind or subject)."""
+    if case.classification == Classification.INCONCLUSIVE or case.kind is None:
+        return None
+    viewed = _view(0, case)
+    if viewed is None or not viewed[1]:
+        return None
+    view, subject, toks = viewed
+    words, chars = _features(toks)
+    key = hashlib.blake2b(json.dumps(toks).encode(), digest_size=16).digest()
+    return PreparedCase(view, subject, key, words, chars)
+
+
+def prepare_cases(cases: Iterable[MemoryCase]) -> list[PreparedCase | None]:
+    """``prepare_case`` for each case: pure, so it may run in another thread than the analyzer it is added to."""
+    return [prepare_case(case) for case in cases]
 
 
 def _job(request: AnalysisRequest) -> _Job | None:
@@ -647,7 +763,31 @@ class MemoryAnalyzer:
         self.ai_weight = ai_weight
         self.skipped = 0
         self._entries: list[_Entry] = []
-        self._build(cases)
+        # (kind, subject, human, scoped, digest of the tokens) -> entry: identical texts share one entry
+        self._by_key: dict[tuple[SourceType, str, bool, bool, bytes], int] = {}
+        self._words = _Space()
+        self._chars = _Space()
+        self._cases = 0
+        # Indices fall as cases get newer (see _recency); the constructor's first case is index 0.
+        self._newest = 0
+        # Groups by (kind, exact subject), so a query only ever walks the cases it may match. Within a group,
+        # cases are bucketed so that a query walks only those that can apply: alert cases by their identity
+        # values (one index per identity-label set, the default one built here), script cases by how their
+        # text after the script name starts; unigram postings rank candidates when too many apply.
+        self._postings: dict[_GroupKey, dict[int, tuple[array[int], array[float]]]] = {}
+        self._views: dict[_GroupKey, list[_Item]] = {}
+        self._scoped: dict[_GroupKey, list[_Item]] = {}
+        self._unscoped: dict[_GroupKey, list[_Item]] = {}
+        self._by_first: dict[_GroupKey, dict[str, list[_Item]]] = {}
+        self._by_head: dict[_GroupKey, dict[str, list[_Item]]] = {}
+        self._by_identity: dict[tuple[str, ...], dict[_GroupKey, dict[tuple[object, ...], list[_Item]]]] = {}
+        # One case prepared at a time: a list of all prepared cases would double the build's peak memory.
+        cases = list(cases)
+        ignored = self.ai_weight <= 0  # AI cases are skipped anyway: not worth parsing
+        ready = (None if ignored and c.check_type != CheckType.USER else prepare_case(c) for c in cases)
+        self._insert(cases, ready, first=0, scale=False)
+        self._rescale()
+        self._identity_index(_compared(DEFAULT_IDENTITY_LABELS))
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]], **options: Any) -> MemoryAnalyzer:
@@ -673,79 +813,92 @@ class MemoryAnalyzer:
         """Indexed entries after merging identical cases (AI cases only when ``ai_weight`` > 0)."""
         return len(self._entries)
 
+    @property
+    def cases(self) -> int:
+        """Cases indexed (before merging), from the constructor and every ``add``."""
+        return self._cases
+
+    def add(self, cases: Sequence[MemoryCase], prepared: Sequence[PreparedCase | None] | None = None) -> int:
+        """Index more cases without rebuilding; returns how many were indexed (the others count in ``skipped``).
+
+        ``cases`` are newer than every case indexed so far, newest first (the
+        constructor's order). ``prepared``: ``prepare_cases(cases)`` when the
+        caller ran it elsewhere, e.g. in a thread: it is the costly part and
+        touches nothing shared. ``add`` itself mutates the index: call it from
+        the thread that calls ``match``, never concurrently with it.
+        """
+        if prepared is None:
+            prepared = prepare_cases(cases)
+        if len(prepared) != len(cases):
+            raise ValueError("prepared must be prepare_cases(cases)")
+        before = self._cases
+        self._insert(cases, prepared, first=self._newest - len(cases), scale=True)
+        return self._cases - before
+
     # ----------------------------------------------------------------------- index
 
-    def _build(self, cases: Iterable[MemoryCase]) -> None:
-        by_key: dict[tuple[SourceType, str, bool, bool, tuple[str, ...]], _Entry] = {}
-        counts: dict[int, tuple[Counter[str], Counter[str]]] = {}
-        for index, case in enumerate(cases):
+    def _insert(self, cases: Sequence[MemoryCase], prepared: Iterable[PreparedCase | None], first: int,
+                scale: bool) -> None:
+        """Index ``cases`` (newest first) as ``first``, ``first + 1`` ...; only their own features are counted.
+
+        ``scale``: set each new entry's candidate-ranking scale now (else ``_rescale`` must follow).
+        """
+        for offset, (case, ready) in enumerate(zip(cases, prepared, strict=True)):
             human = case.check_type == CheckType.USER
-            if case.classification == Classification.INCONCLUSIVE or (not human and self.ai_weight <= 0):
-                self.skipped += 1
+            if ready is None or (not human and self.ai_weight <= 0):
+                self.skipped += 1  # inconclusive, ignored AI, or no kind or subject: it cannot be tied to a job
                 continue
-            viewed = _view(index, case) if case.kind is not None else None
-            if viewed is None or not viewed[1]:
-                self.skipped += 1  # no kind or no subject: it cannot be tied to a job
-                continue
-            view, subject, toks = viewed
-            scoped = case.kind == SourceType.ALERT and case.scope is not None
-            key = (SourceType(case.kind), subject, human, scoped, tuple(toks))
-            entry = by_key.get(key)
-            if entry is None:
-                entry = by_key[key] = _Entry(kind=key[0], subject=subject, human=human, scoped=scoped)
-                counts[len(self._entries)] = _features(toks)
-                self._entries.append(entry)
-            entry.views.append(view)
+            view = dataclasses.replace(ready.view, index=first + offset)
+            group = (SourceType(case.kind), ready.subject)  # prepare_case refused any case without a kind
+            scoped = group[0] == SourceType.ALERT and case.scope is not None
+            key = (group[0], ready.subject, human, scoped, ready.key)
+            i = self._by_key.get(key)
+            if i is None:
+                i = self._by_key[key] = len(self._entries)
+                self._entries.append(self._entry(group, human, scoped, ready, i, scale))
+            self._entries[i].views.append(view)
+            item = (i, view)
+            self._views.setdefault(group, []).append(item)
+            if group[0] == SourceType.ALERT and case.scope is not None:
+                self._scoped.setdefault(group, []).append(item)
+            elif group[0] == SourceType.ALERT:
+                self._unscoped.setdefault(group, []).append(item)
+                for keys, index in self._by_identity.items():
+                    bucket = tuple(view.labels.get(k) for k in keys)
+                    index.setdefault(group, {}).setdefault(bucket, []).append(item)
+            else:
+                self._by_first.setdefault(group, {}).setdefault(view.rest.partition(": ")[0], []).append(item)
+                self._by_head.setdefault(group, {}).setdefault(view.head, []).append(item)
+            self._cases += 1
+        self._newest = min(self._newest, first)
 
-        n = len(self._entries)
-        word_df: Counter[str] = Counter()
-        char_df: Counter[str] = Counter()
-        for words, chars in counts.values():
-            word_df.update(words.keys())
-            char_df.update(chars.keys())
-        # Smoothed IDF (as scikit-learn's): a feature in every entry still weighs 1.
-        self._unseen = math.log(n + 1) + 1.0
-        self._word_idf = {f: math.log((n + 1) / (df + 1)) + 1.0 for f, df in word_df.items()}
-        self._char_idf = {f: math.log((n + 1) / (df + 1)) + 1.0 for f, df in char_df.items()}
+    def _entry(self, group: _GroupKey, human: bool, scoped: bool, ready: PreparedCase, i: int,
+               scale: bool) -> _Entry:
+        """A new entry: its features counted in the document frequencies, its unigrams in the group's postings."""
+        entry = _Entry(kind=group[0], subject=group[1], human=human, scoped=scoped)
+        entry.word_ids, entry.word_tfs = self._words.index(ready.words)
+        entry.char_ids, entry.char_tfs = self._chars.index(ready.chars)
+        if scale:
+            # Under the IDF of now: it only ranks candidates (see _candidates).
+            n, df = i + 1, self._words.df
+            total = sum((tf * _idf(n, df[fid])) ** 2 for fid, tf in zip(entry.word_ids, entry.word_tfs, strict=True))
+            entry.word_scale = 1.0 / math.sqrt(total) if total else 0.0
+        postings = self._postings.setdefault(group, {})
+        for feature, fid, tf in zip(ready.words, entry.word_ids, entry.word_tfs, strict=True):
+            if " " not in feature:  # unigrams are enough to find candidates
+                posting = postings.get(fid)
+                if posting is None:
+                    posting = postings[fid] = (array("I"), array("d"))
+                posting[0].append(i)
+                posting[1].append(tf)
+        return entry
 
-        # Groups by (kind, exact subject), with postings, so a query only ever walks the cases it may match.
-        self._groups: dict[_GroupKey, list[int]] = defaultdict(list)
-        self._postings: dict[_GroupKey, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
-        for i, entry in enumerate(self._entries):
-            words, chars = counts.pop(i)
-            entry.words = _weigh(words, self._word_idf, self._unseen)
-            entry.chars = _weigh(chars, self._char_idf, self._unseen)
-            group = (entry.kind, entry.subject)
-            self._groups[group].append(i)
-            postings = self._postings[group]
-            for feature, weight in entry.words.items():
-                if " " not in feature:  # unigrams are enough to find candidates
-                    postings[feature].append((i, weight))
-
-        # Within a group, cases are bucketed so that a query walks only those that can apply: alert cases by
-        # their identity values (one index per identity-label set, the default one built here), script cases
-        # by how their text after the script name starts.
-        views: dict[_GroupKey, list[_Item]] = defaultdict(list)
-        scoped: dict[_GroupKey, list[_Item]] = defaultdict(list)
-        unscoped: dict[_GroupKey, list[_Item]] = defaultdict(list)
-        by_first: dict[_GroupKey, dict[str, list[_Item]]] = defaultdict(lambda: defaultdict(list))
-        by_head: dict[_GroupKey, dict[str, list[_Item]]] = defaultdict(lambda: defaultdict(list))
-        for group, ids in self._groups.items():
-            for i in ids:
-                for view in self._entries[i].views:
-                    views[group].append((i, view))
-                    if group[0] == SourceType.ALERT:
-                        (scoped if view.case.scope is not None else unscoped)[group].append((i, view))
-                    else:
-                        by_first[group][view.rest.partition(": ")[0]].append((i, view))
-                        by_head[group][view.head].append((i, view))
-        self._views = dict(views)
-        self._scoped = dict(scoped)
-        self._unscoped = dict(unscoped)
-        self._by_first = {group: dict(buckets) for group, buckets in by_first.items()}
-        self._by_head = {group: dict(buckets) for group, buckets in by_head.items()}
-        self._by_identity: dict[tuple[str, ...], dict[_GroupKey, dict[tuple[object, ...], list[_Item]]]] = {}
-        self._identity_index(_compared(DEFAULT_IDENTITY_LABELS))
+    def _rescale(self) -> None:
+        """Every entry's candidate-ranking scale under the current IDF (one pass; the similarity never needs it)."""
+        idf = self._words.idf(len(self._entries))
+        for entry in self._entries:
+            total = sum((tf * idf[fid]) ** 2 for fid, tf in zip(entry.word_ids, entry.word_tfs, strict=True))
+            entry.word_scale = 1.0 / math.sqrt(total) if total else 0.0
 
     def _identity_index(self, keys: tuple[str, ...]) -> dict[_GroupKey, dict[tuple[object, ...], list[_Item]]]:
         """Unscoped alert cases per group, bucketed by their values of ``keys`` (None where a case lacks one)."""
@@ -797,15 +950,26 @@ class MemoryAnalyzer:
         return found
 
     def _candidates(self, group: _GroupKey, applicable: Mapping[int, object], words: Vector) -> Iterable[int]:
-        """The entries worth an exact cosine: all that apply when few, else the best of them by shared words."""
+        """The entries worth an exact cosine: all that apply when few, else the best of them by shared words.
+
+        The ranking scales each entry by its norm under the IDF of when it was
+        indexed (``_Entry.word_scale``): after many ``add`` calls it drifts
+        slightly, which can only change which entries get the exact cosine
+        when more than EXACT_CANDIDATES apply, never a similarity.
+        """
         if len(applicable) <= EXACT_CANDIDATES:
             return applicable.keys()
-        postings = self._postings[group]
+        postings = self._postings.get(group, {})
+        idf = self._words.idf(len(self._entries))
         partial: dict[int, float] = defaultdict(float)
-        for feature, weight in words.items():
-            for i, w in postings.get(feature, ()):
+        for fid, weight in words.items():
+            posting = postings.get(fid)
+            if posting is None:
+                continue
+            scale = weight * idf[fid]
+            for i, tf in zip(*posting, strict=True):
                 if i in applicable:
-                    partial[i] += weight * w
+                    partial[i] += scale * tf * self._entries[i].word_scale
         return heapq.nlargest(EXACT_CANDIDATES, partial, key=partial.__getitem__)
 
     def _score(self, job: _Job, applicable: Mapping[int, object]) -> dict[int, float]:
@@ -813,15 +977,17 @@ class MemoryAnalyzer:
         # A human scope is a rule: where its labels match, the case applies, whatever else the alert says.
         best: dict[int, float] = {i: 1.0 for i in applicable if self._entries[i].scoped}
         textual = {i: None for i in applicable if i not in best}
+        n = len(self._entries)
+        word_idf, char_idf = self._words.idf(n), self._chars.idf(n)
         for toks in job.variants:
             if not textual:
                 break
             words_c, chars_c = _features(toks)
-            words = _weigh(words_c, self._word_idf, self._unseen)
-            chars = _weigh(chars_c, self._char_idf, self._unseen)
+            words, chars = self._words.query(words_c, n), self._chars.query(chars_c, n)
             for i in self._candidates((job.kind, job.subject), textual, words):
                 entry = self._entries[i]
-                sim = WORD_WEIGHT * _dot(words, entry.words) + (1 - WORD_WEIGHT) * _dot(chars, entry.chars)
+                sim = (WORD_WEIGHT * _cosine(words, entry.word_ids, entry.word_tfs, word_idf)
+                       + (1 - WORD_WEIGHT) * _cosine(chars, entry.char_ids, entry.char_tfs, char_idf))
                 sim = min(1.0, max(0.0, sim))
                 if sim > best.get(i, -1.0):
                     best[i] = sim

@@ -78,7 +78,7 @@ DRAW_MARGIN = 0.1
 # other finding goes to the LLM as evidence. Each with its precision on the tuning split (make eval,
 # memory+rules, 2026-12-02): the flakiness rules and the CI tooling failures, nothing about alerts.
 HIGH_PRECISION: frozenset[str | None] = frozenset({
-    "flaky test",  # 11 of 11
+    "flaky test",  # 4 of 4 (a recovery on the same commit is now required)
     "infrastructure: test tooling unavailable",  # 5 of 5
     "infrastructure: registry or package mirror limit",  # 2 of 2
     "infrastructure: runner out of disk",  # 1 of 1

@@ -22,6 +22,17 @@ decoded in a worker thread, downscaled and re-encoded as PNG (or JPEG when
 PNG would exceed the byte cap), which also strips metadata and anything
 appended to the file.
 
+Memory: a few kilobytes of PNG can declare 25 megapixels, and decoding is
+where a worker's memory goes (four inline 5000x5000 PNGs once took a worker
+from 63 MB to 924 MB). So a JPEG is decoded at 1/2, 1/4 or 1/8 scale when
+that still covers ``max_side`` (libjpeg's draft mode); the other formats have
+no reduced decode, so their full frame is decoded once and scaled in place,
+never copied. A job's images are fetched and decoded one at a time; the pixels
+a job may decode in all are capped (``max_job_pixels``); and the pixels being
+decoded at once across all of a worker's jobs are bounded by one
+``PixelBudget`` per analyzer, i.e. per worker (``max_worker_pixels``): an
+image waits for room before its decode starts.
+
 The model call reuses ``LLMAnalyzer`` whole (prompt fence, retries, repair
 round, reply validation, token accounting): a private subclass only adds image
 parts to the user message and a constant rule to the system message saying
@@ -37,7 +48,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextvars
+import ctypes
 import functools
 import html.parser
 import io
@@ -45,14 +58,14 @@ import logging
 import ssl
 import unicodedata
 import urllib.parse
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kubetriage.analyzers.fetch import Fetched, FetchRefused, Resolver, describe, fetch
 from kubetriage.analyzers.llm import LLMAnalyzer, LLMConfig, _Usage
@@ -60,6 +73,7 @@ from kubetriage.api.contract import AnalysisContext, AnalysisRequest
 from kubetriage.api.models import MAX_REASON, Verdict
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -76,7 +90,16 @@ SHRINK_STEP = 0.7
 MIN_SIDE = 64
 MAX_IMG_TAGS = 500
 NOTES_KEPT = 512
+# Decodes running at once per worker (CPU); memory is bounded by the pixel budget, not by this.
 DECODE_CONCURRENCY = 2
+# What a decoded pixel costs while it is decoded and scaled, measured with Pillow 13 on 5000x5000 images:
+# 4 bytes in Pillow's frame (RGB is stored as 4 bytes too), as much again for the premultiplied copy
+# Pillow's resampling makes of an image with alpha, and the resize's intermediate rows. The budgets
+# below count pixels; this turns them into the memory they stand for (docs, and the config check).
+BYTES_PER_DECODED_PIXEL = 10
+# Formats that cost more per pixel, counted as this many pixels against the caps and budgets: libwebp
+# decodes into its own full-size RGBA buffer, which Pillow then copies (measured: 16-18 bytes per pixel).
+_DECODE_WEIGHT = {"WEBP": 2}
 NOTE_CHARS = 600
 
 VISION_RULES = """
@@ -100,11 +123,27 @@ class VisionConfig(BaseModel):
     max_report_images: int = Field(4, ge=0, le=10, description="Of those, at most this many from the report.")
     max_input_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Per downloaded or inline image.")
     max_input_pixels: int = Field(25_000_000, ge=1024, description="Declared width x height, checked before decoding.")
+    max_job_pixels: int = Field(
+        100_000_000, ge=1024,
+        description="Pixels one job may decode in all (after JPEG's reduced decode); later images are refused.",
+    )
+    max_worker_pixels: int = Field(
+        25_000_000, ge=1024,
+        description=f"Pixels decoded at once across a worker's jobs (about {BYTES_PER_DECODED_PIXEL} bytes each "
+        "while decoding); an image waits for room. At least max_input_pixels.",
+    )
     max_side: int = Field(1568, ge=MIN_SIDE, le=8192, description="Longest side after downscaling.")
     max_output_bytes: int = Field(512 * 1024, ge=4096, description="Per re-encoded image sent to the model.")
     max_report_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     fetch_timeout_seconds: float = Field(15, gt=0, le=300)
     allow_hosts: frozenset[str] | None = Field(None, description="When set, only these hosts (or *.domain).")
+
+    @model_validator(mode="after")
+    def _budget_fits_one_image(self) -> VisionConfig:
+        # An image inside max_input_pixels must be able to get the worker's budget, or its job would wait forever.
+        if self.max_worker_pixels < self.max_input_pixels:
+            raise ValueError("max_worker_pixels must be at least max_input_pixels")
+        return self
 
 
 class ImageRefused(ValueError):
@@ -169,10 +208,10 @@ def _encode(img: Image.Image, max_bytes: int) -> tuple[str, bytes] | None:
     return None
 
 
-def prepare_image(raw: bytes, config: VisionConfig, label: str = "image") -> PreparedImage:
-    """Validate, decode, downscale and re-encode one image; ``ImageRefused`` says why not.
+def _open(raw: bytes, config: VisionConfig) -> tuple[Image.Image, str, int, int]:
+    """The image opened but not decoded (a JPEG set to decode at reduced scale), its format and declared size.
 
-    CPU-bound and blocking: call it in a thread.
+    Only the header is read: everything refused here is refused before the decoder allocates anything.
     """
     if len(raw) > config.max_input_bytes:
         raise ImageRefused(f"{len(raw)} bytes exceeds the {config.max_input_bytes}-byte input cap")
@@ -185,19 +224,43 @@ def prepare_image(raw: bytes, config: VisionConfig, label: str = "image") -> Pre
         raise ImageRefused("declares more pixels than Pillow's decompression-bomb limit") from None
     except Exception as exc:  # any decoder failure on hostile bytes means "unusable", never a crashed job
         raise ImageRefused(f"unreadable {kind} header ({type(exc).__name__})") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise ImageRefused(f"{kind} declares an empty size {width}x{height}")
+    weight = _DECODE_WEIGHT.get(kind, 1)
+    if width * height * weight > config.max_input_pixels:
+        img.close()
+        counted = f" (x{weight}: decoded through libwebp's own full-size buffer)" if weight > 1 else ""
+        raise ImageRefused(
+            f"{kind} declares {width}x{height} = {width * height} pixels{counted}, over the "
+            f"{config.max_input_pixels}-pixel cap (decompression-bomb guard)"
+        )
+    if kind == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers max_side; img.size becomes that.
+        img.draft("RGB", (config.max_side, config.max_side))
+    return img, kind, width, height
+
+
+def decoded_pixels(raw: bytes, config: VisionConfig) -> int:
+    """The pixels decoding ``raw`` allocates (after JPEG's reduced decode), read from its header.
+
+    ``ImageRefused`` when it is unusable, exactly as ``prepare_image`` would refuse it before decoding.
+    """
+    img, kind, _width, _height = _open(raw, config)
     with img:
-        width, height = img.size
-        # Only the header has been read so far: refuse before the decoder allocates anything.
-        if width <= 0 or height <= 0:
-            raise ImageRefused(f"{kind} declares an empty size {width}x{height}")
-        if width * height > config.max_input_pixels:
-            raise ImageRefused(
-                f"{kind} declares {width}x{height} = {width * height} pixels, over the "
-                f"{config.max_input_pixels}-pixel cap (decompression-bomb guard)"
-            )
-        if kind == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers max_side.
-            img.draft("RGB", (config.max_side, config.max_side))
+        return img.width * img.height * _DECODE_WEIGHT.get(kind, 1)
+
+
+def prepare_image(raw: bytes, config: VisionConfig, label: str = "image") -> PreparedImage:
+    """Validate, decode, downscale and re-encode one image; ``ImageRefused`` says why not.
+
+    CPU-bound and blocking: call it in a thread. At most one full-size frame
+    (plus Pillow's premultiplied copy when it has alpha) exists at a time: the
+    frame is converted only when its mode needs it, and scaled in place.
+    """
+    img, kind, width, height = _open(raw, config)
+    try:
         try:
             img.load()  # the first frame of an animation only
         except Image.DecompressionBombError:
@@ -205,10 +268,21 @@ def prepare_image(raw: bytes, config: VisionConfig, label: str = "image") -> Pre
         except Exception as exc:
             raise ImageRefused(f"truncated or corrupt {kind} data ({type(exc).__name__}: {str(exc)[:80]})") from None
         has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-        frame = img.convert("RGBA" if has_alpha else "RGB")
+        target = "RGBA" if has_alpha else "RGB"
+        if img.mode == target:
+            frame = img  # convert() would copy even to the same mode: 100 MB for a 25-megapixel frame
+        else:
+            frame = img.convert(target)
+            img.close()  # the decoded original is no longer needed: free it before scaling
+        frame.thumbnail((config.max_side, config.max_side), Image.Resampling.LANCZOS)
+        # Detached from the file (closing img frees its core, which may be this one): at most max_side square.
+        base = frame.copy()
+        frame.close()
+    finally:
+        img.close()
     side = config.max_side
     for _ in range(8):
-        scaled = frame.copy()
+        scaled = base.copy()
         scaled.thumbnail((side, side), Image.Resampling.LANCZOS)
         encoded = _encode(scaled, config.max_output_bytes)
         if encoded is not None:
@@ -218,6 +292,110 @@ def prepare_image(raw: bytes, config: VisionConfig, label: str = "image") -> Pre
         if side < MIN_SIDE:
             break
     raise ImageRefused(f"cannot be re-encoded within {config.max_output_bytes} bytes")
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim  # type: ignore[no-any-return]
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _decode_and_give_back(fn: Callable[..., _T], *args: Any) -> _T:
+    try:
+        return fn(*args)
+    finally:
+        # glibc keeps a freed frame in the malloc arena of the thread that decoded it; with two decode
+        # threads each arena would keep its largest decode, and the worker's memory would be the sum of
+        # both however the budget spaced them. Returned now, before the budget lets the next decode start.
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+
+
+class PixelBudget:
+    """Decoded pixels (and decodes) in flight at once across all of a worker's jobs: a semaphore by size.
+
+    ``run`` waits, first come first served, until the image's pixels and a
+    decode slot are free, then decodes in one of the budget's own threads
+    (as many as there are slots). The pixels are given back when the thread
+    ends, not when the caller stops waiting: a cancelled job (deadline, lost
+    lease) cannot cancel a running decode, whose memory stays in use until it
+    returns.
+    """
+
+    def __init__(self, pixels: int, decodes: int = DECODE_CONCURRENCY) -> None:
+        self.capacity = pixels
+        self._free = pixels
+        self._slots = decodes
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._threads = concurrent.futures.ThreadPoolExecutor(decodes, thread_name_prefix="vision-decode")
+
+    def close(self) -> None:
+        """Stop the decode threads once their current decode (if any) returns."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def free(self) -> int:
+        """Pixels not held by a decode right now."""
+        return self._free
+
+    @property
+    def waiting(self) -> int:
+        """Decodes waiting for pixels or a slot."""
+        return sum(not waiter.done() for _, waiter in self._waiting)
+
+    async def run(self, pixels: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a thread once ``pixels`` are free (capped at the capacity: it then runs alone)."""
+        pixels = min(pixels, self.capacity)
+        await self._acquire(pixels)
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(loop.run_in_executor(self._threads, _decode_and_give_back, fn, *args))
+        task.add_done_callback(functools.partial(self._finished, pixels))
+        return await asyncio.shield(task)
+
+    def _finished(self, pixels: int, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here too: the waiting caller may have been cancelled
+        self._free += pixels
+        self._slots += 1
+        self._grant()
+
+    async def _acquire(self, pixels: int) -> None:
+        if not self._waiting and self._free >= pixels and self._slots > 0:
+            self._free -= pixels
+            self._slots -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((pixels, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # granted just before the cancellation: give it back
+                self._free += pixels
+                self._slots += 1
+            else:
+                self._waiting.remove((pixels, waiter))
+            self._grant()
+            raise
+
+    def _grant(self) -> None:
+        # Strictly in order: a big image is not starved by a stream of small ones behind it.
+        while self._waiting:
+            pixels, waiter = self._waiting[0]
+            if waiter.done():
+                self._waiting.popleft()
+                continue
+            if self._free < pixels or self._slots <= 0:
+                return
+            self._waiting.popleft()
+            self._free -= pixels
+            self._slots -= 1
+            waiter.set_result(None)
 
 
 # --------------------------------------------------------------------------- the report page
@@ -350,17 +528,18 @@ class VisionAnalyzer:
         allow_private_for_tests: Collection[tuple[str, int]] = frozenset(),
     ) -> None:
         self.config = config
-        self.llm = _ImageLLM(config, client)
+        self.llm = _ImageLLM(config, client, resolver=resolver)
         self.vision = vision or VisionConfig()
         self._resolver = resolver
         self._ssl_context = ssl_context
         self._exempt = frozenset(allow_private_for_tests)
         self._refusals: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-        # A 25-megapixel frame is ~100 MB decoded; bound how many a worker holds at once across all its jobs.
-        self._decoding = asyncio.Semaphore(DECODE_CONCURRENCY)
+        # One per analyzer, and a worker has one analyzer: the worker's bound across all its jobs.
+        self.budget = PixelBudget(self.vision.max_worker_pixels)
 
     async def aclose(self) -> None:
-        """Close the model client if this analyzer created it."""
+        """Close the model client if this analyzer created it, and the decode threads."""
+        self.budget.close()
         await self.llm.aclose()
 
     async def __aenter__(self) -> VisionAnalyzer:
@@ -391,14 +570,23 @@ class VisionAnalyzer:
             allow_private_for_tests=self._exempt,
         )
 
-    async def _image(self, label: str, load: Callable[[], Awaitable[bytes]]) -> PreparedImage | str:
-        """One image through fetch/decode and preparation; a refusal note instead of an exception."""
+    async def _image(
+        self, label: str, load: Callable[[], Awaitable[bytes]], room: int
+    ) -> tuple[PreparedImage | str, int]:
+        """One image through fetch/decode and preparation, and the pixels it decoded; a refusal note, not an exception.
+
+        ``room``: the pixels the job may still decode.
+        """
+        pixels = 0
         try:
             raw = await load()
-            async with self._decoding:
-                return await asyncio.to_thread(prepare_image, raw, self.vision, label)
+            pixels = await asyncio.to_thread(decoded_pixels, raw, self.vision)
+            if pixels > room:
+                budget = self.vision.max_job_pixels
+                return f"{label}: decoding its {pixels} pixels would exceed the job's {budget}-pixel budget", 0
+            return await self.budget.run(pixels, prepare_image, raw, self.vision, label), pixels
         except (FetchRefused, ImageRefused) as exc:
-            return f"{label}: {exc}"
+            return f"{label}: {exc}", pixels
 
     async def _raw_from_url(self, url: str) -> bytes:
         if url[:5].lower() == "data:":
@@ -441,10 +629,17 @@ class VisionAnalyzer:
                     refusals.append(f"{label}: over the image limit")
                     continue
                 jobs.append((label, functools.partial(self._raw_from_url, url)))
-        outcomes = await asyncio.gather(*(self._image(label, load) for label, load in jobs))
-        images = tuple(o for o in outcomes if isinstance(o, PreparedImage))
-        refusals.extend(o for o in outcomes if isinstance(o, str))
-        return Collected(images, tuple(refusals))
+        # One image at a time: a job holds at most one raw image and one decode, whatever its image count.
+        images: list[PreparedImage] = []
+        spent = 0
+        for label, load in jobs:
+            outcome, pixels = await self._image(label, load, self.vision.max_job_pixels - spent)
+            spent += pixels
+            if isinstance(outcome, PreparedImage):
+                images.append(outcome)
+            else:
+                refusals.append(outcome)
+        return Collected(tuple(images), tuple(refusals))
 
     async def _report_sources(self, report_url: str) -> list[str]:
         got = await self._fetch(report_url, self.vision.max_report_bytes, HTML_TYPES)

@@ -116,6 +116,8 @@ bundled
 {{- $llm := dict "baseURL" $root.Values.llm.baseURL "timeoutSeconds" $root.Values.llm.timeoutSeconds -}}
 {{- if $root.Values.llm.model }}{{ $_ := set $llm "model" $root.Values.llm.model }}{{ end -}}
 {{- if $root.Values.llm.visionModel }}{{ $_ := set $llm "visionModel" $root.Values.llm.visionModel }}{{ end -}}
+{{- if $root.Values.llm.allowHTTP }}{{ $_ := set $llm "allowHTTP" true }}{{ end -}}
+{{- if $root.Values.llm.allowPrivateEndpoints }}{{ $_ := set $llm "allowPrivateEndpoints" true }}{{ end -}}
 {{- if $root.Values.llm.existingSecret -}}
 {{- $_ := set $llm "apiKeySecretRef" (dict "name" $root.Values.llm.existingSecret "key" $root.Values.llm.existingSecretKey) -}}
 {{- end -}}
@@ -134,4 +136,13 @@ bundled
 {{- else -}}
 []
 {{- end -}}
+{{- end -}}
+
+{{/* Secret name -> namespaces whose TriagePolicies may use it (actions.secrets), as JSON for the operator. */}}
+{{- define "kubetriage.actionSecretNamespaces" -}}
+{{- $out := dict -}}
+{{- range .Values.actions.secrets -}}
+{{- $_ := set $out .name .namespaces -}}
+{{- end -}}
+{{- toJson $out -}}
 {{- end -}}

@@ -6,6 +6,11 @@
 - apiGroups: [kubetriage.io]
   resources: [triagejobs]
   verbs: [get, list, watch]
+# TTL: finished jobs are deleted ttlSecondsAfterFinished after they finished
+# (their verdicts stay in the database). The operator's only delete.
+- apiGroups: [kubetriage.io]
+  resources: [triagejobs]
+  verbs: [delete]
 # Phase, verdict and conditions: the operator is the only writer of job status.
 - apiGroups: [kubetriage.io]
   resources: [triagejobs/status]
@@ -24,7 +29,27 @@
 - apiGroups: [kubetriage.io]
   resources: [triagepools/finalizers]
   verbs: [update]
-# One Event per finished job (Triaged / TriageFailed).
+# TriageRules: kopf's watch fills the per-namespace cache admission hands to
+# workers (the startup listing too). No get and no patch of the rule itself:
+# its handler is on.event, so kopf keeps no annotations or finalizer on rules.
+- apiGroups: [kubetriage.io]
+  resources: [triagerules]
+  verbs: [list, watch]
+# The rule's Accepted condition (an errorRegex RE2 cannot compile is reported
+# there), written once per generation of the rule.
+- apiGroups: [kubetriage.io]
+  resources: [triagerules/status]
+  verbs: [patch]
+# TriagePolicies: the watch fills the per-namespace cache verdicts are acted
+# on from (the startup listing too); like rules, no get and no patch of the
+# policy itself, only its Accepted condition.
+- apiGroups: [kubetriage.io]
+  resources: [triagepolicies]
+  verbs: [list, watch]
+- apiGroups: [kubetriage.io]
+  resources: [triagepolicies/status]
+  verbs: [patch]
+# One Event per finished job (Triaged / TriageFailed), and per action taken.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

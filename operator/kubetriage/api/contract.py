@@ -7,11 +7,22 @@ validates it back and gives it, with an ``AnalysisContext``, to the analyzers.
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubetriage.api.evidence import Evidence
-from kubetriage.api.models import MAX_NAME, Alert, AnalyzerName, ScriptResult, Source, TriageRuleSpec
+from kubetriage.api.models import (
+    MAX_EVIDENCE,
+    MAX_NAME,
+    Alert,
+    AnalyzerName,
+    EvidenceItem,
+    ScriptResult,
+    Source,
+    TriageRuleSpec,
+    Verdict,
+)
 
 # Who a target is: the labels a remembered verdict or a duplicate's verdict must share with a job before
 # they apply to it. Per pool: ``spec.analyzer.identityLabels``. Not ``pod``: a Deployment's next pod is the
@@ -60,6 +71,26 @@ class AnalysisRequest(BaseModel):
     # The TriageRules of the job's namespace at admission, and the history the operator looked up.
     rules: list[TeamRule] = Field(default_factory=list, max_length=MAX_RULES)
     evidence: list[Evidence] = Field(default_factory=list, max_length=16)
+    # The target's identity (``fingerprint.dedup_scope`` with the pool's identity labels): the key the
+    # operator reads this target's history by, and writes the verdict's audit row under.
+    identity: str | None = Field(None, max_length=256)
+
+
+class WorkerResult(BaseModel):
+    """What a worker reports for one job: the verdict and the evidence it rests on (as users see it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Verdict
+    evidence: list[EvidenceItem] = Field(default_factory=list, max_length=MAX_EVIDENCE)
+
+    @classmethod
+    def parse(cls, raw: str | bytes) -> WorkerResult:
+        """A worker's report; a bare verdict is what workers before evidence sent (a rolling upgrade)."""
+        data = json.loads(raw)
+        if isinstance(data, dict) and "verdict" in data:
+            return cls.model_validate(data)
+        return cls(verdict=Verdict.model_validate(data))
 
 
 class AnalysisContext(BaseModel):

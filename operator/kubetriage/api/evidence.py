@@ -97,6 +97,7 @@ class AlertmanagerSummary(_View):
     co_firing: int = Field(0, ge=0)
     co_firing_alerts: list[str] = Field(default_factory=list)
     co_firing_services: int = Field(0, ge=0)
+    co_firing_severities: dict[str, int] = Field(default_factory=dict)
     silences: list[Silence] = Field(default_factory=list)
 
     def human_silences(self) -> list[Silence]:
@@ -108,6 +109,8 @@ class AlertmanagerSummary(_View):
         text = f"{self.co_firing} other alert(s) firing across {self.co_firing_services} service(s)"
         if names:
             text += f" ({names})"
+        if self.co_firing_severities:
+            text += "; severities: " + ", ".join(f"{n} {s}" for s, n in list(self.co_firing_severities.items())[:5])
         human = self.human_silences()
         if human:
             text += f"; silenced by {human[0].created_by or 'someone'}: {human[0].comment[:120]}"

@@ -13,6 +13,9 @@ RESOLVED_AT = f"{GROUP}/resolved-at"
 SUBMITTED_BY = f"{GROUP}/submitted-by"
 GROUP_KEY = f"{GROUP}/alert-group-key"
 ATTACHMENTS = f"{GROUP}/attachments"  # JUnit attachment links, JSON
+# sha256 of exactly what ingest derived the job's name from: a 409 with the same key is a re-send, another is a
+# name collision, reported (never taken for a re-send, which would drop the row)
+INGEST_KEY = f"{GROUP}/ingest-key"
 
 # The human override, set by ``kubetriage verdict set`` or ``kubectl annotate``; recorded with check_type 'user'.
 VERDICT = f"{GROUP}/verdict"

@@ -36,6 +36,11 @@ MAX_INLINE_IMAGE = 262144  # base64 characters per inline screenshot
 MAX_HISTORY = 50
 MAX_CONDITIONS = 16
 MAX_NEXT_STEPS = 10
+MAX_REDACT_PATTERNS = 32
+MAX_REDACT_PATTERN = 512
+MAX_EXPR = 1024
+MAX_TTL_SECONDS = 366 * 86400
+MAX_ACTIONS = 16
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -148,6 +153,12 @@ class Alert(_Model):
     consecutive_count: int | None = Field(None, ge=0, le=1_000_000)
     generator_url: str | None = Field(None, alias="generatorURL", max_length=MAX_URL, pattern=HTTP_URL)
     value: str | None = _str(MAX_SHORT, description="The metric value that fired, as text.")
+    expr: str | None = Field(
+        None,
+        max_length=MAX_EXPR,
+        description="The PromQL expression of the alerting rule; when absent it is read from generatorURL. "
+        "Queried only in the pool's configured Prometheus (spec.evidence.prometheus), never elsewhere.",
+    )
 
 
 class Screenshot(_Model):
@@ -214,6 +225,11 @@ class TriageJobSpec(_Model):
     alert: Alert | None = None
     script_result: ScriptResult | None = None
     analysis: Analysis | None = None
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, le=MAX_TTL_SECONDS,
+        description="Delete the job this long after it finished (its verdict stays in the database); "
+        "default: its pool's spec.ttlSecondsAfterFinished; neither: kept.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -278,10 +294,36 @@ class EvidenceItem(_Model):
     value: str | None = Field(None, max_length=256, description="The headline figure, as text.")
 
 
+class ActionResult(StrEnum):
+    PENDING = "Pending"  # planned with the verdict; the operator has not finished it yet
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"  # given up after its retries; message says why
+    SHADOW = "Shadow"  # the policy is in shadow mode: what would have been done, nothing sent
+    SKIPPED = "Skipped"  # the policy matched but this action must not run (message says why)
+
+
+class JobAction(_Model):
+    """What a TriagePolicy did (or would have done) about this job's verdict: one entry per action."""
+
+    policy: str = Field(max_length=MAX_NAME, description="The TriagePolicy, in the job's namespace.")
+    action: Literal["silence", "unsilence", "webhook", "slack"]
+    target: str | None = _str(63, description="The notification's name (webhook, slack).")
+    key: str = Field(max_length=MAX_SHORT, description="Idempotency key: job uid and verdict classification.")
+    result: ActionResult
+    at: dt.datetime = Field(description="When the result was reached (planned, for Pending).")
+    message: str | None = _str(1024)
+    silence_id: str | None = Field(None, alias="silenceID", max_length=64)
+    silence_until: dt.datetime | None = None
+    attempts: int | None = Field(None, ge=0)
+
+
 class TriageJobStatus(_Model):
     phase: Phase | None = None
     verdict: Verdict | None = None
     evidence: list[EvidenceItem] | None = Field(None, max_length=MAX_EVIDENCE)
+    actions: list[JobAction] | None = Field(
+        None, max_length=MAX_ACTIONS, description="What TriagePolicies did about the verdict (newest last)."
+    )
     attempts: int | None = Field(None, ge=0)
     pool: str | None = _str(MAX_NAME * 2 + 1, description="namespace/name of the TriagePool.")
     priority_class_name: str | None = _str(MAX_NAME)
@@ -322,6 +364,15 @@ class PoolAnalyzer(_Model):
     chain: AnalyzerName = AnalyzerName.AUTO
     confidence_threshold: float = Field(0.7, ge=0, le=1)
     base_url: str | None = Field(None, alias="baseURL", max_length=MAX_URL, pattern=HTTP_URL)
+    # The outbound-URL policy's two opt-ins for baseURL (kubetriage.api.urlpolicy); the API key goes there.
+    allow_private_endpoints: bool | None = Field(
+        None,
+        description="Let baseURL be a loopback, private, link-local or CGNAT address (an in-cluster model "
+        "server). Cloud metadata addresses stay refused.",
+    )
+    allow_http: bool | None = Field(
+        None, alias="allowHTTP", description="Let baseURL use plain http (default: https only)."
+    )
     model: str | None = _str(MAX_SHORT)
     vision_model: str | None = _str(MAX_SHORT)
     api_key_secret_ref: SecretKeyRef | None = None
@@ -331,6 +382,13 @@ class PoolAnalyzer(_Model):
         max_length=16,
         description="Alert labels that name the target: a remembered human verdict or a duplicate's verdict "
         "applies only when these match. Default: namespace, job, service, instance, target, host, node.",
+    )
+    redact_patterns: list[Annotated[str, Field(max_length=MAX_REDACT_PATTERN)]] | None = Field(
+        None,
+        max_length=MAX_REDACT_PATTERNS,
+        description="RE2 expressions redacted from alert and log text, on top of the built-in secret patterns, "
+        "before the text reaches the LLM, status, Events or the database (the whole match, or only the "
+        "first group when the expression has groups).",
     )
 
 
@@ -355,6 +413,81 @@ class Resources(_Model):
     limits: ResourceList | None = None
 
 
+class ConfigMapKeyRef(_Model):
+    name: str = Field(max_length=MAX_NAME, pattern=DNS_SUBDOMAIN)
+    key: str = Field(max_length=MAX_NAME)
+
+
+class BasicAuth(_Model):
+    """HTTP basic auth, both halves from Secrets of the pool's namespace."""
+
+    username: SecretKeyRef
+    password: SecretKeyRef
+
+
+class EndpointTLS(_Model):
+    """How a worker checks the endpoint's certificate (https URLs only)."""
+
+    ca_secret_ref: SecretKeyRef | None = Field(None, description="PEM CA bundle to trust, from a Secret.")
+    ca_config_map_ref: ConfigMapKeyRef | None = Field(None, description="PEM CA bundle to trust, from a ConfigMap.")
+    insecure_skip_verify: bool = Field(
+        False, description="Do not check the certificate at all (tests only: anyone on the path can answer)."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!(has(self.caSecretRef) && has(self.caConfigMapRef))",
+                 "message": "set at most one of caSecretRef or caConfigMapRef"}
+            ]
+        }
+    )
+
+
+class EvidenceEndpoint(_Model):
+    """A read-only monitoring API the pool's workers ask before a verdict."""
+
+    url: str = Field(max_length=MAX_URL, pattern=HTTP_URL, description="Base URL, e.g. http://prometheus:9090.")
+    # The outbound-URL policy's opt-ins (kubetriage.api.urlpolicy): an in-cluster Prometheus is usually both.
+    allow_private_endpoints: bool = Field(
+        False, description="Let url be a loopback, private, link-local or CGNAT address (an in-cluster service). "
+        "Cloud metadata addresses stay refused.")
+    allow_http: bool = Field(False, alias="allowHTTP", description="Let url use plain http (default: https only).")
+    bearer_token_secret_ref: SecretKeyRef | None = Field(None, description="Sent as Authorization: Bearer.")
+    basic_auth: BasicAuth | None = None
+    tls: EndpointTLS | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!(has(self.bearerTokenSecretRef) && has(self.basicAuth))",
+                 "message": "set at most one of bearerTokenSecretRef or basicAuth"}
+            ]
+        }
+    )
+
+
+class PrometheusEndpoint(EvidenceEndpoint):
+    any_expression: bool = Field(
+        False,
+        description="Query whatever expression a job carries. Default false: only the expression of an alerting "
+        "rule this Prometheus has loaded under the alert's name, so whoever may create a TriageJob cannot run "
+        "queries of their own with the pool's credentials.",
+    )
+
+
+class PoolEvidence(_Model):
+    """What the pool's workers ask before a verdict; each source is optional, and read-only."""
+
+    prometheus: PrometheusEndpoint | None = None
+    alertmanager: EvidenceEndpoint | None = None
+    timeout_seconds: float = Field(5, gt=0, le=60, description="Per request to Prometheus or Alertmanager.")
+    budget_seconds: float = Field(10, gt=0, le=120, description="All evidence of one job together.")
+    cache_seconds: float = Field(
+        30, ge=0, le=600, description="Reuse a job's evidence for jobs of the same fingerprint this long."
+    )
+
+
 class TriagePoolSpec(_Model):
     priority_class_name: str | None = Field(None, max_length=MAX_NAME, pattern=DNS_SUBDOMAIN)
     # a schema default lets the API server fill these in, so kubectl shows them
@@ -364,6 +497,11 @@ class TriagePoolSpec(_Model):
     rate_limit: RateLimit | None = None
     image: str | None = _str(512)
     resources: Resources | None = None
+    evidence: PoolEvidence | None = None
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, le=MAX_TTL_SECONDS,
+        description="Default of spec.ttlSecondsAfterFinished for this pool's jobs; none: finished jobs are kept.",
+    )
 
 
 class TriagePoolStatus(_Model):
@@ -458,6 +596,112 @@ class TriageRuleSpec(_Model):
     description: str | None = _str(512)
     match: RuleMatch = Field(default_factory=RuleMatch)
     action: RuleAction
+
+
+# --------------------------------------------------------------------------- TriagePolicy
+
+
+class PolicyMode(StrEnum):
+    SHADOW = "shadow"
+    ENFORCE = "enforce"
+
+
+class MountedSecretRef(_Model):
+    """A key of a Secret mounted into the operator by the chart (``actions.secrets``): the operator never reads
+    Secrets from the API. The chart also says which namespaces' policies may use it."""
+
+    name: str = Field(max_length=MAX_NAME, pattern=DNS_SUBDOMAIN)
+    key: str = Field(max_length=MAX_NAME, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class MountedBasicAuth(_Model):
+    username: MountedSecretRef
+    password: MountedSecretRef
+
+
+class AlertmanagerTarget(_Model):
+    """Where silences go. Without url: the Alertmanager of the job's pool (spec.evidence.alertmanager)."""
+
+    url: str | None = Field(None, max_length=MAX_URL, pattern=HTTP_URL)
+    allow_private_endpoints: bool = Field(False, description="Let url be a loopback, private or link-local address.")
+    allow_http: bool = Field(False, alias="allowHTTP", description="Let url use plain http (default: https only).")
+    bearer_token_secret_ref: MountedSecretRef | None = None
+    basic_auth: MountedBasicAuth | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!(has(self.bearerTokenSecretRef) && has(self.basicAuth))",
+                 "message": "set at most one of bearerTokenSecretRef or basicAuth"}
+            ]
+        }
+    )
+
+
+MAX_SILENCE_SECONDS = 86400
+
+
+class SilenceAction(_Model):
+    """An Alertmanager silence for a false_positive alert: exact matchers on alertname, severity and the
+    identity labels; one per target, renewed by later false_positive verdicts."""
+
+    alertmanager: AlertmanagerTarget | None = None
+    duration_seconds: int = Field(7200, ge=60, le=MAX_SILENCE_SECONDS, description="Default 2 h, at most 24 h.")
+
+
+class WebhookNotification(_Model):
+    """A JSON POST signed with HMAC-SHA256 (header X-Kubetriage-Signature), with an Idempotency-Key."""
+
+    url: str = Field(max_length=MAX_URL, pattern=HTTP_URL)
+    allow_private_endpoints: bool = False
+    allow_http: bool = Field(False, alias="allowHTTP")
+    signing_secret_ref: MountedSecretRef
+
+
+class SlackNotification(_Model):
+    """A Slack incoming webhook; its URL is a credential, so it comes from a mounted Secret."""
+
+    url_secret_ref: MountedSecretRef
+    allow_private_endpoints: bool = False
+    allow_http: bool = Field(False, alias="allowHTTP")
+
+
+class Notification(_Model):
+    name: str = Field(max_length=63, pattern=DNS_LABEL)
+    webhook: WebhookNotification | None = None
+    slack: SlackNotification | None = None
+    classifications: list[Classification] | None = Field(
+        None, max_length=3, description="Verdict classes to notify on; default: the policy's.")
+    min_confidence: float | None = Field(None, ge=0, le=1, description="Default: the policy's.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.webhook) != has(self.slack)", "message": "set exactly one of webhook or slack"}
+            ]
+        }
+    )
+
+
+class TriagePolicySpec(_Model):
+    """What the operator does with the verdicts of the jobs it matches, in its own namespace only."""
+
+    description: str | None = _str(512)
+    mode: PolicyMode = Field(
+        PolicyMode.SHADOW, json_schema_extra={"default": "shadow"},
+        description="shadow (default): record what would be done, send nothing; enforce: do it.")
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    classifications: list[Classification] = Field(
+        default_factory=lambda: [Classification.FALSE_POSITIVE], min_length=1, max_length=3,
+        json_schema_extra={"default": ["false_positive"]}, description="Verdict classes the policy acts on.")
+    min_confidence: float = Field(0.9, ge=0, le=1, description="Verdicts below this confidence are left alone.")
+    silence: SilenceAction | None = Field(None, description="Silence false_positive alerts in Alertmanager.")
+    notify: list[Notification] | None = Field(None, max_length=8)
+
+
+class TriagePolicyStatus(_Model):
+    observed_generation: int | None = Field(None, ge=0)
+    conditions: list[Condition] | None = Field(None, max_length=MAX_CONDITIONS)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""The user-facing commands of ``kubetriage``: submit, get, verdict set, queue.
+"""The user-facing commands of ``kubetriage``: submit, get, describe, verdict set, queue, rule/policy test.
 
 They talk to the cluster with the same small client the operator uses (your
 kubeconfig, your RBAC), or, for ``submit --url``, to the ingest endpoint with a
@@ -17,7 +17,8 @@ from typing import Any
 
 from kubetriage.api.models import Classification
 from kubetriage.cli.common import EPILOG, add_namespace, add_output, add_submit_options, run_async
-from kubetriage.cli.query import get, queue
+from kubetriage.cli.policies import policy_test
+from kubetriage.cli.query import describe, get, queue
 from kubetriage.cli.submit import submit_alert, submit_junit, submit_script
 from kubetriage.cli.verdict import verdict_set
 
@@ -106,6 +107,13 @@ def add_subcommands(sub: Any) -> None:
     add_output(g, ("table", "wide", "json", "yaml", "name"))
     g.set_defaults(func=run_async(get))
 
+    d = sub.add_parser("describe", help="one TriageJob's verdict, reason and evidence in full", epilog=EPILOG,
+                       description="Like 'kubectl describe tj', reduced to what was decided, by whom, why, and "
+                                   "the evidence it rested on (Prometheus, Alertmanager, history).")
+    d.add_argument("names", nargs="+", help="job names")
+    add_namespace(d)
+    d.set_defaults(func=run_async(describe), all_namespaces=False, selector=None, output="describe")
+
     v = sub.add_parser("verdict", help="human verdicts", epilog=EPILOG)
     vsub = v.add_subparsers(dest="verdict_command", required=True, metavar="{set}")
     vs = vsub.add_parser(
@@ -115,7 +123,8 @@ def add_subcommands(sub: Any) -> None:
     vs.add_argument("name", help="TriageJob name")
     vs.add_argument("classification", choices=[Classification.VALID.value, Classification.FALSE_POSITIVE.value])
     vs.add_argument("--reason", required=True, help="why (kept with the verdict; the memory analyzer learns from it)")
-    vs.add_argument("--by", help="who decides (default: $USER)")
+    vs.add_argument("--by", help="who decides (default: your authenticated Kubernetes user name; with the "
+                                 "chart's verdict policy on, no other name is accepted)")
     add_namespace(vs)
     add_output(vs, ("table", "json", "yaml"))
     vs.set_defaults(func=run_async(verdict_set))
@@ -139,3 +148,16 @@ def add_subcommands(sub: Any) -> None:
     rt.add_argument("--all", action="store_true", help="also list matched jobs whose verdict would not change")
     add_output(rt, ("table", "json", "yaml"))
     rt.set_defaults(func=run_async(_rule_test))
+
+    pol = sub.add_parser("policy", help="TriagePolicies: test one against the recorded verdicts", epilog=EPILOG)
+    psub = pol.add_subparsers(dest="policy_command", required=True, metavar="{test}")
+    pt = psub.add_parser(
+        "test", help="replay a TriagePolicy file against recorded verdicts; writes and sends nothing",
+        epilog=EPILOG,
+        description="Show what a TriagePolicy would have done, enforced, with the verdicts recorded in its "
+                    "namespace: the silences it would make (exact matchers), those it must not (a neverDiscard "
+                    "TriageRule, no target), and the notifications it would send.")
+    pt.add_argument("file", help="the TriagePolicy manifest (YAML/JSON; - = stdin)")
+    add_namespace(pt)
+    add_output(pt, ("table", "json", "yaml"))
+    pt.set_defaults(func=run_async(policy_test))

@@ -32,15 +32,19 @@ class CliError(Exception):
 
 
 def kube_client() -> Kube:
+    """A client that logs in as kubectl would: the kubeconfig (exec plugins too), else the pod's service account."""
     from kubetriage.infra.kube import Kube
+    from kubetriage.infra.kubeconfig import KubeLoginError, cli_login
 
     try:
-        return Kube()
-    except Exception as exc:  # kopf.LoginError and friends: say what to set, not a traceback
-        raise CliError(f"cannot reach Kubernetes: {exc} (set KUBECONFIG or use --url for submit)") from None
+        return Kube(login=cli_login())
+    except KubeLoginError as exc:  # say what to fix, not a traceback
+        raise CliError(f"cannot log in to Kubernetes: {exc} (or use --url for submit)") from None
 
 
 def api_error(exc: ApiError, what: str, namespace: str) -> CliError:
+    if exc.status == 401:  # the message says which kubeconfig and what to do
+        return CliError(f"cannot log in to Kubernetes: {exc.message}")
     if exc.status == 404:
         return CliError(f"{what} not found in namespace {namespace!r}")
     if exc.status == 403:

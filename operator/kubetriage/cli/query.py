@@ -28,7 +28,18 @@ def verdict_of(job: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-async def get(args: argparse.Namespace) -> int:
+def evidence_of(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """``status.evidence``: what the verdict rested on, one {source, summary, value} per source."""
+    items = (job.get("status") or {}).get("evidence") or []
+    return [e for e in items if isinstance(e, dict)]
+
+
+def evidence_cell(job: dict[str, Any]) -> str:
+    """The EVIDENCE column of ``get -o wide``: each source's headline (``prometheus=recovered``)."""
+    return ", ".join(f"{e.get('source', '?')}={e.get('value') or '-'}" for e in evidence_of(job)) or "-"
+
+
+async def _fetch_jobs(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
     from kubetriage.infra.kube import ApiError, triagejob_path
 
     kube = kube_client()
@@ -48,6 +59,11 @@ async def get(args: argparse.Namespace) -> int:
     finally:
         await kube.close()
     items.sort(key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"]["name"]))
+    return ns, items
+
+
+async def get(args: argparse.Namespace) -> int:
+    ns, items = await _fetch_jobs(args)
     if args.output in ("json", "yaml"):
         emit(items[0] if len(args.names) == 1 else {"apiVersion": "v1", "kind": "List", "items": items}, args.output)
         return EXIT_OK
@@ -60,7 +76,9 @@ async def get(args: argparse.Namespace) -> int:
         print(f"No TriageJobs found in {where}.", file=sys.stderr)
         return EXIT_OK
     now = dt.datetime.now(dt.UTC)
-    headers = ["NAME", "SOURCE", "PRIORITY", "PHASE", "VERDICT", "CONFIDENCE", "BY", "AGE", "REASON"]
+    wide = args.output == "wide"
+    headers = ["NAME", "SOURCE", "PRIORITY", "PHASE", "VERDICT", "CONFIDENCE", "BY", "AGE",
+               *(["EVIDENCE"] if wide else []), "REASON"]
     rows = []
     for j in items:
         meta, spec, status = j["metadata"], j.get("spec") or {}, j.get("status") or {}
@@ -72,11 +90,38 @@ async def get(args: argparse.Namespace) -> int:
         row = [meta["name"], source, status.get("priorityClassName") or spec.get("priorityClassName") or "-",
                status.get("phase") or "-", v.get("classification") or "-",
                "-" if conf is None else f"{conf:g}", v.get("by") or "-", age(meta.get("creationTimestamp"), now),
-               v.get("reason", "") if args.output == "wide" else one_line(v.get("reason", ""), 60)]
+               *([evidence_cell(j)] if wide else []),
+               v.get("reason", "") if wide else one_line(v.get("reason", ""), 60)]
         if args.all_namespaces:
             row.insert(0, meta.get("namespace", ""))
         rows.append(row)
     print(table((["NAMESPACE"] if args.all_namespaces else []) + headers, rows))
+    return EXIT_OK
+
+
+async def describe(args: argparse.Namespace) -> int:
+    """One block per job, like ``kubectl describe``: the verdict, why, and each piece of evidence in full."""
+    _, items = await _fetch_jobs(args)
+    now = dt.datetime.now(dt.UTC)
+    blocks = []
+    for j in items:
+        meta, spec, status = j["metadata"], j.get("spec") or {}, j.get("status") or {}
+        v = verdict_of(j)
+        conf = v.get("confidence")
+        lines = [f"Name:        {meta['name']}", f"Namespace:   {meta.get('namespace', '')}",
+                 f"Source:      {(spec.get('source') or {}).get('type', '')}",
+                 f"Phase:       {status.get('phase') or '-'}",
+                 f"Age:         {age(meta.get('creationTimestamp'), now)}",
+                 f"Verdict:     {v.get('classification') or '-'}"
+                 + ("" if conf is None else f" ({conf:g})") + (f" by {v['by']}" if v.get("by") else ""),
+                 f"Reason:      {v.get('reason') or '-'}"]
+        evidence = evidence_of(j)
+        lines.append("Evidence:" + ("" if evidence else "    none"))
+        for e in evidence:
+            lines.append(f"  {e.get('source', '?')}: {e.get('summary', '')}"
+                         + (f" [{e['value']}]" if e.get("value") else ""))
+        blocks.append("\n".join(lines))
+    print("\n\n".join(blocks))
     return EXIT_OK
 
 

@@ -10,13 +10,14 @@ import argparse
 import datetime as dt
 import getpass
 import os
+import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
-from kubetriage.api.models import MAX_SHORT
+from kubetriage.api.models import MAX_LOGS, MAX_SHORT
 from kubetriage.api.timeutil import rfc3339
 from kubetriage.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TOKEN_ENV, CliError, kube_client, load_file, pairs
 from kubetriage.cli.output import emit, one_line, table
@@ -62,6 +63,64 @@ def _alerts_from_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], d
     return [alert], {}
 
 
+LOG_TAIL_BYTES = 4 * MAX_LOGS  # enough for MAX_LOGS characters of any UTF-8 text
+LOG_DEVICE_LIMIT = 1 << 30  # a device is read this far at most: /dev/zero never ends
+LOG_CHUNK = 1 << 20
+
+
+def read_log_tail(path: str) -> str:
+    """The end of a log (``-`` = stdin) in at most MAX_LOGS characters, in bounded memory whatever its size.
+
+    Only the end is sent (that is where the error is, and the job keeps MAX_LOGS characters anyway), so only
+    the end is read: a regular file from LOG_TAIL_BYTES before its end; a pipe, FIFO or device in chunks,
+    keeping the last LOG_TAIL_BYTES. Reading all of it made a 100 MB log a 629 MB request. A pipe is read to
+    its end however long it is, as ``tail`` does (its writer decides when it ends); a device only up to
+    LOG_DEVICE_LIMIT, since nothing ends ``/dev/zero``.
+    """
+    try:
+        if path == "-":
+            return _tail(sys.stdin.buffer, "standard input")
+        with open(path, "rb") as f:
+            return _tail(f, path)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc}", EXIT_USAGE) from None
+
+
+def _tail(f: BinaryIO, what: str) -> str:
+    skipped, endless = 0, False
+    info = os.fstat(f.fileno())
+    if stat.S_ISREG(info.st_mode):  # also stdin redirected from a file: seekable
+        skipped = max(0, info.st_size - LOG_TAIL_BYTES)
+        f.seek(skipped)
+        data = f.read(LOG_TAIL_BYTES)  # not to its end: the file may grow while we read
+    else:
+        pipe = stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode)
+        limit = sys.maxsize if pipe else LOG_DEVICE_LIMIT
+        buf, total = bytearray(), 0
+        while chunk := f.read(min(LOG_CHUNK, limit - total)):
+            total += len(chunk)
+            buf += chunk
+            del buf[:-LOG_TAIL_BYTES]
+        endless = total >= limit
+        skipped, data = total - len(buf), bytes(buf)
+    if skipped:  # the cut may have split a character: start at the next whole one
+        start = next((i for i, b in enumerate(data[:4]) if b & 0xC0 != 0x80), 0)
+        skipped, data = skipped + start, data[start:]
+    # surrogateescape: one character per undecodable byte, so the bytes cut below are counted exactly
+    text = data.decode("utf-8", "surrogateescape")
+    room = MAX_LOGS - 300  # the marker below fits in 300 characters
+    if len(text) > room:
+        skipped += len(text[:-room].encode("utf-8", "surrogateescape"))
+        text = text[-room:]
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if endless:
+        return (f"…[kubetriage submit stopped reading {what[:60]} after {LOG_DEVICE_LIMIT >> 20} MiB: a device "
+                f"that does not end; this is the end of what it read]…\n{text}")
+    if skipped:
+        return f"…[the first {skipped} bytes of {what[:60]} were not sent: only its end is]…\n{text}"
+    return text
+
+
 def _script_items(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.file:
         data = load_file(args.file)
@@ -77,11 +136,7 @@ def _script_items(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "test_case": args.test_case, "commit": args.commit}
     item.update({k: v for k, v in optional.items() if v is not None})
     if args.logs_file:
-        try:
-            item["logs"] = sys.stdin.read() if args.logs_file == "-" else Path(args.logs_file).read_text(
-                errors="replace")
-        except OSError as exc:
-            raise CliError(f"cannot read {args.logs_file}: {exc}", EXIT_USAGE) from None
+        item["logs"] = read_log_tail(args.logs_file)
     if args.analyze:
         item["analyze"] = True
     return [item]

@@ -4,7 +4,8 @@ TriageJobs use ``on.event`` only: kopf keeps no progress annotations, no
 diff-base and no finalizer on them, so every API write a job costs is one we
 make ourselves (and count). TriagePools get a daemon (their control loop),
 which kopf stops on a standby replica; the daemons also keep the leader loop
-(``controller.leader``) alive, so a standby runs none of it either.
+(``controller.leader``) alive, so a standby runs none of it either. TriageRules use ``on.event`` too
+(no annotations, no finalizer): the operator only caches them and writes their ``Accepted`` condition.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 import kopf
 
 from kubetriage.api.models import GROUP, VERSION
-from kubetriage.controller import admission, leader, overrides, pools, recording
+from kubetriage.controller import admission, leader, pools, recording, rules, ttl
+from kubetriage.controller.actions import executor, policies
 from kubetriage.controller.runtime import Runtime
 from kubetriage.infra import metrics
 from kubetriage.infra.config import Settings
@@ -73,11 +75,14 @@ async def triagejob_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> N
     rt = _rt(memo)
     body = event["object"]
     if event.get("type") == "DELETED":
+        # first: in memory only, it cannot fail (a silence the job held is lifted unless the TTL deleted it)
+        executor.forget(rt, body, deleted_by_ttl=ttl.forget(rt, body["metadata"]["uid"]))
         await admission.forget(rt, body)
         return
-    if not await overrides.apply(rt, body):
-        await admission.admit(rt, body)
+    await admission.admit_or_retry(rt, body)  # kopf never retries an event handler: admission does
     recording.backlog_from_status(rt, body)
+    executor.observe(rt, body)  # Pending actions, silences to lift (done by the leader)
+    await ttl.observe_loaded(rt, body)
 
 
 @kopf.on.event(GROUP, VERSION, "triagepools")
@@ -90,6 +95,26 @@ async def triagepool_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
         rt.pool_generations.pop(key, None)
         return
     await pools.reconcile(rt, body)
+
+
+@kopf.on.event(GROUP, VERSION, "triagepolicies")
+async def triagepolicy_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
+    body = event["object"]
+    if event.get("type") == "DELETED":
+        policies.forget(rt, body)
+        return
+    await policies.reconcile(rt, body)
+
+
+@kopf.on.event(GROUP, VERSION, "triagerules")
+async def triagerule_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    rt = _rt(memo)
+    body = event["object"]
+    if event.get("type") == "DELETED":
+        rules.forget(rt, body)
+        return
+    await rules.reconcile(rt, body)
 
 
 @kopf.daemon(GROUP, VERSION, "triagepools", cancellation_timeout=10, initial_delay=0)
@@ -106,8 +131,11 @@ async def priorityclass_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) 
     name = body["metadata"]["name"]
     if event.get("type") == "DELETED":
         rt.priority_classes.pop(name, None)
+        await pools.priority_class_changed(rt, name)
         return
     known = rt.priority_classes.get(name)
     rt.priority_classes[name] = int(body.get("value", 0))
-    if known is None and rt.waiting:
-        await admission.readmit_waiting(rt)
+    if known is None:
+        await pools.priority_class_changed(rt, name)  # a pool waiting for it gets its Deployment
+        if rt.waiting:
+            await admission.readmit_waiting(rt)

@@ -1,7 +1,8 @@
 """The leader loop: the operator's work that must run once per active operator, not once per pool.
 
 - the result-stream consumer (``recording.consume``): one consumer of the Redis group per replica;
-- the rebuild after Redis lost its data (``admission.rebuild``) and the memory reseed;
+- the rebuild after Redis lost its data (``resync.rebuild``) and the memory reseed;
+- the periodic resync, which admits any unfinished job missing from the queue (``resync.resync``);
 - the retry of verdicts the database missed (``recording.retry_db_backlog``);
 - the ``kubetriage_jobs`` gauges, which count every job, not a pool's.
 
@@ -23,7 +24,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from kubetriage.controller import admission, overrides, recording
+from redis.exceptions import RedisError
+
+from kubetriage.controller import overrides, recording, resync, ttl
+from kubetriage.controller.actions import executor
 from kubetriage.controller.runtime import Runtime
 from kubetriage.infra import metrics
 from kubetriage.infra.kube import ApiError
@@ -109,11 +113,20 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
     """The leader loop until ``stop``: the consumer task, and the periodic work once a second."""
     log.info("leader loop started (consumer %s)", rt.identity)
     consumer = asyncio.create_task(recording.consume(rt, rt.identity, stop), name="kubetriage-consumer")
+    # TriagePolicy actions and TTL deletions act once per cluster too (controller.actions.executor, controller.ttl)
+    helpers = {asyncio.create_task(executor.run(rt, stop), name="kubetriage-actions"),
+               asyncio.create_task(ttl.run(rt, stop), name="kubetriage-ttl")}
+    loop = asyncio.get_running_loop()
+    next_resync = loop.time() + rt.settings.resync_seconds
     try:
         while not stop.is_set():
             try:
-                await tick(rt)
-            except (OSError, ConnectionError, ApiError) as exc:
+                if await tick(rt):  # rebuilt: jobs admitted meanwhile into the Redis that died may be lost too
+                    next_resync = min(next_resync, loop.time() + resync.GRACE_SECONDS)
+                if rt.settings.resync_seconds and loop.time() >= next_resync:
+                    next_resync = loop.time() + rt.settings.resync_seconds
+                    await resync.resync(rt)
+            except (OSError, ConnectionError, RedisError, ApiError) as exc:
                 log.warning("leader loop: %s", exc)
             except Exception:
                 log.exception("leader loop failed; continuing")
@@ -121,19 +134,24 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
     finally:
         stop.set()  # the consumer checks it between reads (each blocks at most 0.5 s)
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(consumer, timeout=STOP_TIMEOUT_SECONDS)
+        # together: the actions executor lets deliveries in flight finish and be recorded meanwhile (a restart
+        # must not send them again)
+        _, hung = await asyncio.wait({consumer, *helpers}, timeout=STOP_TIMEOUT_SECONDS)
+        for task in hung:
+            task.cancel()
         log.info("leader loop stopped")
 
 
-async def tick(rt: Runtime) -> None:
-    """One round of the periodic leader work."""
+async def tick(rt: Runtime) -> bool:
+    """One round of the periodic leader work; True when it rebuilt the queues."""
+    rebuilt = False
     if not await rt.queue.epoch_ok():  # Redis is new or lost its data: the queues come back from Kubernetes
-        await admission.rebuild(rt)
+        rebuilt = bool(await resync.rebuild(rt))
         await overrides.seed_memory(rt)
     if rt.db_backlog:
         await recording.retry_db_backlog(rt)
     export_jobs(rt)
+    return rebuilt
 
 
 _jobs_exported: set[tuple[str, str]] = set()

@@ -3,8 +3,12 @@
     kubectl annotate tj NAME kubetriage.io/verdict=false_positive \\
         kubetriage.io/verdict-reason="known flaky login test" kubetriage.io/verdict-by=alice
 
-(``kubetriage verdict set NAME false_positive --reason ...`` does the same.) The
-spec stays immutable; annotations are the user's to change. The operator
+(``kubetriage verdict set NAME false_positive --reason ...`` does the same, with
+``-by`` the name the API server authenticated.) The spec stays immutable;
+annotations are the user's to change. Who may set these ones is the API
+server's decision: the chart's ValidatingAdmissionPolicy (verdict-policy.yaml)
+requires ``update`` on ``triagejobs/verdict`` and ``-by`` equal to the
+requester's user name; the reason is redacted like the job's own text. The operator
 records the override with ``check_type='user'``: it replaces the verdict in
 status and in the team's row, is appended to the audit table, cancels any
 analysis still queued or running, and joins the memory the memory analyzer
@@ -20,6 +24,7 @@ from typing import Any
 from kubetriage.api.keys import VERDICT, VERDICT_BY, VERDICT_REASON
 from kubetriage.api.models import CheckType, Classification, Phase, TriageJobStatus, verdict_from_classification
 from kubetriage.api.timeutil import now, parse_time
+from kubetriage.controller.actions import plan as actions
 from kubetriage.controller.recording import record_in_db
 from kubetriage.controller.runtime import Runtime
 from kubetriage.controller.status import cancel_running, record_of_job, spec_summary, verdict_conditions, write_status
@@ -61,7 +66,9 @@ async def apply(rt: Runtime, body: dict[str, Any]) -> bool:
             await write_status(rt, ns, name, TriageJobStatus(message=message))
         return False
     by = (annotations.get(VERDICT_BY) or "unknown").strip()[:128]
-    reason = f"{(annotations.get(VERDICT_REASON) or 'set by a human').strip()} (by {by})"[:4000]
+    # a human may paste what they saw (a token in a log line): redacted like the job's own text
+    redact = rt.redactor(status.get("pool"))
+    reason = redact(f"{(annotations.get(VERDICT_REASON) or 'set by a human').strip()} (by {by})"[:4000])
     current = status.get("verdict") or {}
     if (current.get("checkType") == CheckType.USER.value and current.get("classification") == wanted
             and current.get("reason") == reason):
@@ -69,8 +76,8 @@ async def apply(rt: Runtime, body: dict[str, Any]) -> bool:
     verdict = verdict_from_classification(wanted, reason, 1.0, "human", check_type=CheckType.USER)
     spec = body.get("spec") or {}
     source = spec.get("source") or {}
-    summary = spec_summary(spec)
-    recorded = await record_in_db(rt, record_of_job(body, verdict))
+    summary = redact(spec_summary(spec))
+    recorded = await record_in_db(rt, record_of_job(body, verdict, redact))
     metrics.VERDICTS.labels(wanted, "human", CheckType.USER.value).inc()
     await rt.queue.remove(uid)  # a queued or running analysis is moot now
     cancel_running(rt, uid)
@@ -82,12 +89,18 @@ async def apply(rt: Runtime, body: dict[str, Any]) -> bool:
     if status.get("phase") != Phase.DUPLICATE.value:  # a duplicate keeps its phase: it still names its primary
         fields["phase"] = Phase.SUCCEEDED.value
     rt.phases[uid] = fields.get("phase", status.get("phase", ""))
+    # TriagePolicies act on a human verdict too (its notifications), planned in this same write; a silence the
+    # job holds is lifted by the executor when the human said valid (controller.actions.executor)
+    planned = await actions.for_human_verdict(rt, body, verdict)
+    if planned is not None:
+        fields["actions"] = planned
     if await write_status(rt, ns, name, TriageJobStatus(**fields)):
         try:
             await rt.kube.event(body, "VerdictOverridden",
                                 f"{wanted} by {by}, replacing {current.get('classification') or 'no verdict'}")
         except ApiError as exc:
             log.warning("event for %s/%s: %s", ns, name, exc)
+        await actions.announce(rt, body, [a for a in planned or [] if a.key.endswith(f":{wanted}")])
     # later duplicates of this job inherit the human verdict, not the one it replaced
     await rt.queue.replace_remembered_verdict(f"{uid}/{name}", json.dumps(verdict.wire()))
     await rt.queue.publish_human_cases(memory_case(summary, wanted, reason, f"{ns}/{name}", source.get("type"),

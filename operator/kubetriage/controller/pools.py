@@ -20,15 +20,26 @@ from typing import Any
 import kopf
 
 from kubetriage.api.keys import POOL_LABEL
-from kubetriage.api.models import TriagePoolSpec
-from kubetriage.controller import admission
+from kubetriage.api.models import (
+    ConfigMapKeyRef,
+    EvidenceEndpoint,
+    PoolEvidence,
+    PrometheusEndpoint,
+    SecretKeyRef,
+    TriagePoolSpec,
+    TriagePoolStatus,
+)
+from kubetriage.controller import admission, poolconfig
 from kubetriage.controller.runtime import PoolInfo, Runtime
+from kubetriage.controller.status import condition, write_pool_status
 from kubetriage.infra import metrics
 from kubetriage.infra.kube import ApiError, deployment_path, triagepool_path
 
 log = logging.getLogger("kubetriage.controller.pools")
 
 WORKER_UID = 10001
+READY = "Ready"
+CLASS_NOT_FOUND = "PriorityClassNotFound"
 
 
 def deployment_name(pool_name: str) -> str:
@@ -80,6 +91,8 @@ def worker_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> dict[str, A
         ref = spec.analyzer.api_key_secret_ref
         env.append({"name": "KUBETRIAGE_LLM_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}}})
+    env.extend(evidence_env(spec.evidence))
+    env.extend(poolconfig.worker_env(spec))  # the LLM URL policy's opt-ins, the pool's redaction patterns
     container: dict[str, Any] = {
         "name": "worker",
         "image": spec.image or s.worker_image,
@@ -123,6 +136,46 @@ def worker_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> dict[str, A
     return body
 
 
+def _ref_env(name: str, kind: str, ref: SecretKeyRef | ConfigMapKeyRef) -> dict[str, Any]:
+    # optional: a missing Secret must not keep the pool's pods from starting (no verdicts at all); the
+    # endpoint then answers 401, and the evidence says to check this Secret
+    return {"name": name, "valueFrom": {kind: {"name": ref.name, "key": ref.key, "optional": True}}}
+
+
+def evidence_env(evidence: PoolEvidence | None) -> list[dict[str, Any]]:
+    """The pool's ``spec.evidence`` as worker environment; credentials and CAs by reference, never by value."""
+    if evidence is None:
+        return []
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETRIAGE_EVIDENCE_TIMEOUT_SECONDS", "value": str(evidence.timeout_seconds)},
+        {"name": "KUBETRIAGE_EVIDENCE_BUDGET_SECONDS", "value": str(evidence.budget_seconds)},
+        {"name": "KUBETRIAGE_EVIDENCE_CACHE_SECONDS", "value": str(evidence.cache_seconds)},
+    ]
+    endpoints: list[tuple[str, EvidenceEndpoint | None]] = [
+        ("PROMETHEUS", evidence.prometheus), ("ALERTMANAGER", evidence.alertmanager)]
+    for source, ep in endpoints:
+        if ep is None:
+            continue
+        var = f"KUBETRIAGE_EVIDENCE_{source}_"
+        env += [{"name": var + "URL", "value": ep.url},
+                {"name": var + "ALLOW_HTTP", "value": str(ep.allow_http).lower()},
+                {"name": var + "ALLOW_PRIVATE_ENDPOINTS", "value": str(ep.allow_private_endpoints).lower()}]
+        if isinstance(ep, PrometheusEndpoint):
+            env.append({"name": var + "ANY_EXPRESSION", "value": str(ep.any_expression).lower()})
+        if ep.bearer_token_secret_ref:
+            env.append(_ref_env(var + "BEARER_TOKEN", "secretKeyRef", ep.bearer_token_secret_ref))
+        if ep.basic_auth:
+            env.append(_ref_env(var + "USERNAME", "secretKeyRef", ep.basic_auth.username))
+            env.append(_ref_env(var + "PASSWORD", "secretKeyRef", ep.basic_auth.password))
+        if ep.tls:
+            if ep.tls.ca_secret_ref:
+                env.append(_ref_env(var + "CA", "secretKeyRef", ep.tls.ca_secret_ref))
+            elif ep.tls.ca_config_map_ref:
+                env.append(_ref_env(var + "CA", "configMapKeyRef", ep.tls.ca_config_map_ref))
+            env.append({"name": var + "INSECURE_SKIP_VERIFY", "value": str(ep.tls.insecure_skip_verify).lower()})
+    return env
+
+
 _exported: dict[str, set[str]] = {}
 
 
@@ -138,9 +191,15 @@ def _export_queue(pool: str, depth: dict[str, int], oldest: dict[str, float]) ->
     seen |= set(depth)
 
 
-async def apply_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> None:
+async def apply_deployment(rt: Runtime, pool: PoolInfo, replicas: int) -> bool:
+    """Create or scale the pool's worker Deployment; False, and nothing applied, while the pool cannot run
+    workers (``Runtime.pool_unready``): the one place a Deployment is written, so none exists before then."""
+    await rt.load_caches()  # a PriorityClass this replica has not listed yet is not a missing one
+    if rt.pool_unready(pool) is not None:
+        return False
     body = worker_deployment(rt, pool, replicas)
     await rt.kube.apply(deployment_path(pool.namespace, body["metadata"]["name"]), body)
+    return True
 
 
 def _desired(spec: TriagePoolSpec, backlog: int, running: int) -> int:
@@ -148,8 +207,12 @@ def _desired(spec: TriagePoolSpec, backlog: int, running: int) -> int:
     return max(spec.replicas.min, min(spec.replicas.max, need))
 
 
+def _ready(status: dict[str, Any]) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == READY), None)
+
+
 async def reconcile(rt: Runtime, body: dict[str, Any]) -> None:
-    """Pool created or changed: record it, push its limits to Redis, (re)apply its Deployment."""
+    """Pool created or changed: record it, push its limits to Redis, (re)apply its Deployment, say if it is Ready."""
     pool = rt.observe_pool(body)
     status = body.get("status") or {}
     generation = body["metadata"].get("generation")
@@ -158,16 +221,55 @@ async def reconcile(rt: Runtime, body: dict[str, Any]) -> None:
     if changed:  # new to this replica, or its spec changed: not the echo of our own status writes
         await rt.push_pool_config(pool)
         rt.pool_generations[pool.key] = generation
-    if status.get("observedGeneration") == generation and status.get("deployment"):
+    await rt.load_caches()
+    problem = rt.pool_unready(pool)
+    if problem is not None:
+        await _not_ready(rt, pool, status, generation, problem)
+        return
+    ready = _ready(status)  # None: a pool from before the condition existed, whose Deployment is fine
+    if status.get("observedGeneration") == generation and status.get("deployment") and (
+            ready is None or ready.get("status") == "True") and poolconfig.current(spec, status, generation):
         if changed:
             await admission.readmit_waiting(rt)
         return
     replicas = max(spec.replicas.min, min(spec.replicas.max, int(status.get("replicas") or spec.replicas.min)))
     await apply_deployment(rt, pool, replicas)
-    await rt.kube.merge_patch(triagepool_path(pool.namespace, pool.name, status=True), {"status": {
-        "observedGeneration": generation, "deployment": deployment_name(pool.name), "replicas": replicas,
-    }})
+    name = deployment_name(pool.name)
+    await write_pool_status(rt, pool.namespace, pool.name, TriagePoolStatus(
+        observed_generation=generation, deployment=name, replicas=replicas,
+        conditions=poolconfig.conditions(spec, status, generation, condition(
+            READY, True, "WorkersDeployed", f"worker Deployment {name} applied", generation))))
     await admission.readmit_waiting(rt)
+
+
+async def _not_ready(rt: Runtime, pool: PoolInfo, status: dict[str, Any], generation: int | None,
+                     problem: str) -> None:
+    """The pool cannot run workers: say why in its Ready condition, once (not again for each status echo).
+
+    Its Deployment is not created (``apply_deployment``), and its jobs wait Pending saying the same
+    (``admission``); both resume when the PriorityClass appears (``priority_class_changed``).
+    """
+    ready = _ready(status)
+    spec = TriagePoolSpec.model_validate(pool.spec)
+    if (ready is not None and ready.get("status") == "False" and ready.get("reason") == CLASS_NOT_FOUND
+            and ready.get("message") == problem and status.get("observedGeneration") == generation
+            and poolconfig.current(spec, status, generation)):
+        return
+    log.warning("TriagePool %s has no workers: %s", pool.key, problem)
+    await write_pool_status(rt, pool.namespace, pool.name, TriagePoolStatus(
+        observed_generation=generation, conditions=poolconfig.conditions(
+            spec, status, generation, condition(READY, False, CLASS_NOT_FOUND, problem, generation))))
+
+
+async def priority_class_changed(rt: Runtime, name: str) -> None:
+    """A PriorityClass appeared or went away: the pools naming it get another look (Deployment, Ready)."""
+    for pool in list(rt.pools.values()):
+        if pool.spec.get("priorityClassName") != name:
+            continue
+        # a list of one, not a get: the chart's RBAC lets the operator list and watch pools, nothing more
+        found = await rt.kube.get(triagepool_path(pool.namespace), fieldSelector=f"metadata.name={pool.name}")
+        for body in found.get("items", []):
+            await reconcile(rt, body)
 
 
 async def run_pool(rt: Runtime, body: dict[str, Any], stopped: kopf.DaemonStopped) -> None:
@@ -194,21 +296,22 @@ async def run_pool(rt: Runtime, body: dict[str, Any], stopped: kopf.DaemonStoppe
             desired = _desired(spec, backlog, running)
             if desired > current:
                 low_since = None
-                await apply_deployment(rt, pool, desired)
-                current = desired
+                if await apply_deployment(rt, pool, desired):  # not while the pool cannot run workers
+                    current = desired
             elif desired < current:
                 low_since = low_since or loop.time()
                 if loop.time() - low_since >= s.scale_down_delay_seconds:
-                    await apply_deployment(rt, pool, desired)
-                    current, low_since = desired, None
+                    if await apply_deployment(rt, pool, desired):
+                        current = desired
+                    low_since = None
             else:
                 low_since = None
             snapshot = (current, backlog, running)
             if snapshot != last_status:
                 last_status = snapshot
                 with contextlib.suppress(ApiError):
-                    await rt.kube.merge_patch(triagepool_path(pool.namespace, pool.name, status=True), {
-                        "status": {"replicas": current, "backlog": backlog, "running": running}})
+                    await write_pool_status(rt, pool.namespace, pool.name, TriagePoolStatus(
+                        replicas=current, backlog=backlog, running=running))
         except (OSError, ConnectionError, ApiError) as exc:
             log.warning("pool %s loop: %s", pool.key, exc)
         except Exception:

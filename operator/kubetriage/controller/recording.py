@@ -16,8 +16,11 @@ import json
 import logging
 from typing import Any
 
+from kubetriage.api.contract import WorkerResult
 from kubetriage.api.models import FINISHED_PHASES, Phase, TriageJobStatus, Verdict
+from kubetriage.api.redact import Redactor
 from kubetriage.api.timeutil import now
+from kubetriage.controller.actions import plan as actions
 from kubetriage.controller.runtime import Runtime
 from kubetriage.controller.status import (
     cancel_running,
@@ -67,7 +70,7 @@ async def handle_batch(rt: Runtime, events: list[Event]) -> list[str]:
         if not job:
             done.append(ev.id)  # deleted while running, or already recorded before a crash
             continue
-        plans.append(_plan(ev, job))
+        plans.append(_plan(ev, job, rt.redactor(job.get("pool"))))
     records = [pl.record for pl in plans if pl.record is not None]
     flags = await record_many_in_db(rt, records)
     for pl in plans:
@@ -100,26 +103,36 @@ class _Plan:
     record: VerdictRecord | None
     recorded: bool = False
     failure: str = "attempts_exhausted"
+    payload: str | None = None  # the job's request as queued: what TriagePolicies select on
+    pool: str | None = None
 
 
-def _plan(ev: Event, job: dict[str, str]) -> _Plan:
+def _plan(ev: Event, job: dict[str, str], redact: Redactor) -> _Plan:
+    """The terminal write, Event and record of a worker's event. The worker's text is redacted again with the pool's
+    patterns (``redact``): a model may quote what it read in a screenshot, and an older worker redacted nothing."""
     ns, name = job["ns"], job["name"]
     started = int(job.get("started_us") or ev.us)
     common: dict[str, Any] = {"attempts": ev.attempt, "started_at": us_time(started), "completed_at": now(),
                               "message": None}
     if ev.type == "result":
         try:
-            verdict = Verdict.model_validate_json(ev.body)
+            result = WorkerResult.parse(ev.body)
         except ValueError as exc:  # a worker of another version: fail the job clearly, never replay forever
             reason = f"the worker sent an invalid verdict: {exc}"[:2000]
             failed = TriageJobStatus(**{**common, "phase": Phase.FAILED, "message": reason,
                                         "conditions": triaged(False, "InvalidVerdict", reason)})
             return _Plan(ev, ns, name, failed, None, failure="invalid_verdict")
-        succeeded = TriageJobStatus(**common, phase=Phase.SUCCEEDED, verdict=verdict)
-        return _Plan(ev, ns, name, succeeded, record_of_queued(ev.uid, job, verdict, ev.attempt))
+        verdict = redact.verdict(result.verdict)
+        found = redact.evidence(result.evidence)
+        # the evidence goes in the same status write as the verdict: no API write of its own
+        evidence = {"evidence": found} if found else {}
+        succeeded = TriageJobStatus(**common, phase=Phase.SUCCEEDED, verdict=verdict, **evidence)
+        return _Plan(ev, ns, name, succeeded, record_of_queued(ev.uid, job, verdict, ev.attempt, found),
+                     payload=job.get("payload"), pool=job.get("pool"))
+    why = redact(ev.body)  # an exception's text may quote the job's (a URL with its credentials)
     failed = TriageJobStatus(**{**common, "phase": Phase.FAILED,
-                                "message": f"gave up after {ev.attempt} attempt(s): {ev.body}"[:4096],
-                                "conditions": triaged(False, "AttemptsExhausted", ev.body)})
+                                "message": f"gave up after {ev.attempt} attempt(s): {why}"[:4096],
+                                "conditions": triaged(False, "AttemptsExhausted", why)})
     return _Plan(ev, ns, name, failed, None)
 
 
@@ -139,11 +152,17 @@ async def _write_plan(rt: Runtime, pl: _Plan) -> None:
             metrics.VERDICTS.labels(verdict.classification, verdict.analyzer, verdict.check_type).inc()
         else:
             metrics.JOBS_FAILED.labels(pl.failure).inc()
+        # what TriagePolicies do about the verdict goes in the same write: no write more for a job none acts on
+        planned = await actions.for_verdict(rt, pl.ns, ev.uid, pl.payload, verdict, pl.pool) if verdict else []
+        if planned:
+            done.actions = planned
         alive = await write_status(rt, pl.ns, pl.name, done)
         rt.phases[ev.uid] = done.phase or ""
         if alive:
+            obj = {"metadata": {"name": pl.name, "namespace": pl.ns, "uid": ev.uid}}
             with contextlib.suppress(ApiError):
-                await rt.kube.event({"metadata": {"name": pl.name, "namespace": pl.ns, "uid": ev.uid}}, *event)
+                await rt.kube.event(obj, *event)
+            await actions.announce(rt, obj, planned)
     await _resolve_duplicates(rt, f"{ev.uid}/{pl.name}", pl.name, verdict)
 
 
@@ -218,20 +237,41 @@ def backlog_from_status(rt: Runtime, body: dict[str, Any]) -> None:
         return
     uid = body["metadata"]["uid"]
     if uid not in rt.db_backlog:
-        rt.db_backlog[uid] = record_of_job(body, Verdict.model_validate(status["verdict"]))
+        rt.db_backlog[uid] = record_of_job(body, Verdict.model_validate(status["verdict"]),
+                                           rt.redactor(status.get("pool")))
+
+
+# A consumer that has not read for this long has stopped (a live one reads every 0.5 s, and records a batch
+# in well under this): what it read but never acknowledged is taken over, at startup and then every
+# TAKEOVER_CHECK_SECONDS, instead of after the 30 s every stale entry waits. Killed with -9, an operator's
+# unrecorded verdicts are thus recorded about this long after its death, by its successor.
+STOPPED_CONSUMER_IDLE_MS = 5_000
+TAKEOVER_CHECK_SECONDS = 2.0
+# Stopped consumers holding nothing are removed after this (every operator start is a new consumer name).
+FORGET_CONSUMER_IDLE_MS = 600_000
 
 
 async def consume(rt: Runtime, consumer: str, stop: asyncio.Event) -> None:
-    """Read worker events and record them a batch at a time; replay our own unacked ones first."""
+    """Read worker events and record them a batch at a time; replay our own unacked ones first, and take over
+    the ones a stopped operator read but never recorded."""
     await rt.queue.ensure_group()
     pending_first = True
     loop = asyncio.get_running_loop()
     next_sweep = loop.time() + 5
+    next_takeover = loop.time()
     while not stop.is_set():
         try:
             events = await rt.queue.read_events(consumer, pending=pending_first, block_ms=500, count=512)
             pending_first = False
-            if loop.time() >= next_sweep:
+            if loop.time() >= next_takeover:
+                next_takeover = loop.time() + TAKEOVER_CHECK_SECONDS
+                taken, owners = await rt.queue.take_over_stopped(consumer, STOPPED_CONSUMER_IDLE_MS,
+                                                                 FORGET_CONSUMER_IDLE_MS)
+                if taken:
+                    log.info("took over %d unrecorded event(s) from stopped consumer(s) %s",
+                             len(taken), ", ".join(owners))
+                    events += taken
+            if loop.time() >= next_sweep:  # entries a live consumer (this one, too) failed to record
                 next_sweep = loop.time() + 15
                 events += await rt.queue.claim_stale(consumer, min_idle_ms=30_000)
             if events:

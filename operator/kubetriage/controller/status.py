@@ -5,7 +5,9 @@ holding only the fields that change; this module turns it into one merge patch
 of ``/status``. The rest of what a status write needs lives here too, so it is
 spelled once: the conditions (the Triaged/Recorded pair a verdict gets), the
 ``VerdictRecord`` a job's verdict becomes in the database, and the timer behind
-the late "Running" write (so a fast job costs two status writes, not three).
+the late "Running" write (so a fast job costs two status writes, not three). A TriageRule's status (its
+``Accepted`` condition, ``controller.rules``) is written here too, with the same condition helper, and so
+is a TriagePool's (its replicas, backlog and ``Ready`` condition, ``controller.pools``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,24 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetriage.api.contract import AnalysisRequest
-from kubetriage.api.models import FINISHED_PHASES, CheckType, Condition, Phase, TriageJobSpec, TriageJobStatus, Verdict
+from kubetriage.api.models import (
+    FINISHED_PHASES,
+    CheckType,
+    Condition,
+    EvidenceItem,
+    Phase,
+    TriageJobSpec,
+    TriageJobStatus,
+    TriagePolicyStatus,
+    TriagePoolStatus,
+    TriageRuleStatus,
+    Verdict,
+)
+from kubetriage.api.redact import BUILTIN, Redactor
 from kubetriage.api.summary import MAX_SUMMARY_BYTES, job_summary
 from kubetriage.api.timeutil import now, rfc3339
 from kubetriage.controller.runtime import Runtime
-from kubetriage.infra.kube import ApiError, triagejob_path
+from kubetriage.infra.kube import ApiError, triagejob_path, triagepolicy_path, triagepool_path, triagerule_path
 from kubetriage.infra.sinks import VerdictRecord
 
 TRIAGED = "Triaged"
@@ -94,6 +109,56 @@ async def write_status(rt: Runtime, namespace: str, name: str, status: TriageJob
     return True
 
 
+async def write_status_unchanged(rt: Runtime, namespace: str, name: str, status: TriageJobStatus,
+                                 resource_version: str) -> bool:
+    """``write_status`` only if the job is still at ``resource_version``; False when it is gone.
+
+    For read-modify-write of a list (``status.actions``, which a merge patch replaces whole): a concurrent
+    writer makes this raise ``ApiError`` 409, and the caller reads again and merges.
+    """
+    try:
+        await rt.kube.merge_patch(triagejob_path(namespace, name, status=True),
+                                  {"metadata": {"resourceVersion": resource_version}, "status": merge_patch(status)})
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+async def write_policy_status(rt: Runtime, namespace: str, name: str, status: TriagePolicyStatus) -> bool:
+    """One merge patch of a TriagePolicy's /status; False when the policy is gone (deleted meanwhile)."""
+    try:
+        await rt.kube.merge_patch(triagepolicy_path(namespace, name, status=True), {"status": status.wire()})
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+async def write_rule_status(rt: Runtime, namespace: str, name: str, status: TriageRuleStatus) -> bool:
+    """One merge patch of a TriageRule's /status; False when the rule is gone (deleted meanwhile)."""
+    try:
+        await rt.kube.merge_patch(triagerule_path(namespace, name, status=True), {"status": status.wire()})
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+async def write_pool_status(rt: Runtime, namespace: str, name: str, status: TriagePoolStatus) -> bool:
+    """One merge patch of a TriagePool's /status (the fields set on ``status``); False when the pool is gone."""
+    try:
+        await rt.kube.merge_patch(triagepool_path(namespace, name, status=True), {"status": status.wire()})
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
 # --------------------------------------------------------------------------- the verdict record
 
 
@@ -107,32 +172,45 @@ def spec_summary(spec: dict[str, Any]) -> str:
 
 def _record(uid: str, name: str, namespace: str, source: dict[str, Any], verdict: Verdict, summary: str, *,
             fingerprint: str | None = None, pool: str | None = None, priority_class: str | None = None,
-            attempts: int = 0) -> VerdictRecord:
+            attempts: int = 0, identity: str | None = None,
+            evidence: list[EvidenceItem] | None = None) -> VerdictRecord:
     return VerdictRecord(
         job_uid=uid, job_name=name, namespace=namespace, source_type=source.get("type") or "alert",
         source_id=source.get("id"), fingerprint=fingerprint, verdict=verdict, pool=pool,
         priority_class=priority_class, attempts=attempts, recorded_at=now(), summary=summary[:MAX_SUMMARY_BYTES],
+        identity=identity, evidence=evidence or [],
     )
 
 
-def record_of_job(body: dict[str, Any], verdict: Verdict) -> VerdictRecord:
-    """The record of a TriageJob as the API server has it (a human verdict, or the backlog after a restart)."""
+def record_of_job(body: dict[str, Any], verdict: Verdict, redact: Redactor = BUILTIN) -> VerdictRecord:
+    """The record of a TriageJob as the API server has it (a human verdict, or the backlog after a restart).
+
+    Its summary comes from the spec as submitted, so it is redacted here (``redact``: the job's pool's).
+    """
     meta, spec, st = body["metadata"], body.get("spec") or {}, body.get("status") or {}
+    evidence: list[EvidenceItem] = []
+    with contextlib.suppress(ValidationError, TypeError):
+        evidence = [EvidenceItem.model_validate(e) for e in st.get("evidence") or []]
     return _record(meta["uid"], meta["name"], meta["namespace"], spec.get("source") or {}, verdict,
-                   spec_summary(spec), fingerprint=st.get("fingerprint"), pool=st.get("pool"),
-                   priority_class=st.get("priorityClassName"), attempts=int(st.get("attempts") or 0))
+                   redact(spec_summary(spec)), fingerprint=st.get("fingerprint"), pool=st.get("pool"),
+                   priority_class=st.get("priorityClassName"), attempts=int(st.get("attempts") or 0),
+                   evidence=evidence)
 
 
-def record_of_queued(uid: str, job: dict[str, str], verdict: Verdict, attempts: int) -> VerdictRecord:
-    """The record of a job from its Redis entry (a worker's result): no API read on the hot path."""
+def record_of_queued(uid: str, job: dict[str, str], verdict: Verdict, attempts: int,
+                     evidence: list[EvidenceItem] | None = None) -> VerdictRecord:
+    """The record of a job from its Redis entry (a worker's result): no API read on the hot path. Its identity
+    (the history key admission computed) comes from the payload."""
     payload = json.loads(job.get("payload") or "{}")
     source = payload.get("source") or {}
     try:
         summary = job_summary(AnalysisRequest.model_validate(payload)) or ""
     except ValueError:
         summary = ""
+    identity = payload.get("identity")
     return _record(uid, job["name"], job["ns"], source, verdict, summary, fingerprint=source.get("fingerprint"),
-                   pool=job.get("pool"), attempts=attempts)
+                   pool=job.get("pool"), attempts=attempts, identity=identity if isinstance(identity, str) else None,
+                   evidence=evidence)
 
 
 def record_of_duplicate(member: dict[str, Any], verdict: Verdict) -> VerdictRecord:
@@ -148,6 +226,7 @@ _background: set[asyncio.Task[None]] = set()
 
 def cancel_running(rt: Runtime, uid: str) -> None:
     """The job finished, was overridden or deleted: its pending Running write must not land after that."""
+    rt.claimed.pop(uid, None)
     handle = rt.running_timers.pop(uid, None)
     if handle:
         handle.cancel()
@@ -160,6 +239,8 @@ def schedule_running(rt: Runtime, uid: str, started_us: int, attempt: int) -> No
     """
     loop = asyncio.get_running_loop()
     cancel_running(rt, uid)
+    if rt.phases.get(uid) not in FINISHED_PHASES:  # a replayed claim of a finished job is no claim to remember
+        rt.claimed[uid] = attempt
 
     def fire() -> None:
         rt.running_timers.pop(uid, None)

@@ -6,6 +6,7 @@ by a test, so a setting cannot exist without being documented.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -24,6 +25,13 @@ class Settings(BaseModel):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for queues, leases and results.")
     redis_prefix: str = Field("kt", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Key prefix in Redis.")
+    redis_max_connections: int = Field(
+        64, ge=2, le=10000, description="Operator: Redis connections at most; a request waits for a free one."
+    )
+    redis_pool_timeout_seconds: float = Field(
+        20, gt=0, description="Operator: longest wait for a free Redis connection; then the request fails (and "
+        "is retried)."
+    )
     database_url: str = Field(
         "sqlite:///kubetriage.db", description="Verdict sink: sqlite:///path or postgresql://user@host/db."
     )
@@ -42,6 +50,10 @@ class Settings(BaseModel):
         2.0, ge=0, description="Write phase Running only for jobs still running after this (saves API writes)."
     )
     scale_down_delay_seconds: float = Field(60, ge=0, description="Backlog must stay low this long to scale down.")
+    resync_seconds: float = Field(
+        60, ge=0, description="Operator: how often the active replica lists TriageJobs to admit any missing from "
+        "the queue (0 = never)."
+    )
     worker_image: str = Field("ghcr.io/kubetriage/kubetriage:0.1.0", description="Image of worker pods.")
     redis_url_secret: str = Field(
         "", description="name/key of a Secret holding the Redis URL for workers (else redis_url is passed as is)."
@@ -60,6 +72,13 @@ class Settings(BaseModel):
     confidence_threshold: float = Field(0.7, ge=0, le=1, description="Worker: first verdict at or above wins.")
     shutdown_grace_seconds: float = Field(10, ge=0, description="Worker: time to finish jobs on SIGTERM.")
     llm_base_url: str = Field("https://openrouter.ai/api/v1", description="OpenAI-compatible endpoint.")
+    llm_allow_http: bool = Field(
+        False, description="Worker: the LLM base URL may be plain http (from the pool's spec.analyzer.allowHTTP)."
+    )
+    llm_allow_private_endpoints: bool = Field(
+        False, description="Worker: the LLM base URL may be a loopback, private or link-local address (from the "
+        "pool's spec.analyzer.allowPrivateEndpoints); metadata addresses never."
+    )
     llm_model: str = Field("", description="Text model; empty = no LLM (offline analyzers only).")
     llm_vision_model: str = Field("", description="Vision model for screenshots.")
     llm_api_key: str = Field("", repr=False, description="API key (from a Secret in the chart).")
@@ -73,9 +92,59 @@ class Settings(BaseModel):
     memory_min_similarity: float = Field(
         0.8, ge=0, le=1, description="Worker: how alike a past human-verdict case must be to be reused."
     )
+    redact_patterns: str = Field(
+        "", description="Worker: JSON list of RE2 expressions redacted on top of the built-in secret patterns "
+        "(from the pool's spec.analyzer.redactPatterns)."
+    )
     identity_labels: str = Field(
         "", description="Worker: comma-separated alert labels that name a target (default: namespace, job, "
         "service, instance, target, host, node); from the pool's spec.analyzer.identityLabels."
+    )
+    # evidence (worker): the pool's spec.evidence, passed by the operator in the worker Deployment's environment
+    evidence_prometheus_url: str = Field("", description="Worker: Prometheus to ask before a verdict; empty = none.")
+    evidence_prometheus_any_expression: bool = Field(
+        False, description="Worker: query any expression a job carries, not only its alerting rule's."
+    )
+    evidence_alertmanager_url: str = Field(
+        "", description="Worker: Alertmanager to ask before a verdict; empty = none."
+    )
+    evidence_prometheus_allow_http: bool = Field(False, description="Worker: let the Prometheus URL be plain http.")
+    evidence_prometheus_allow_private_endpoints: bool = Field(
+        False, description="Worker: let the Prometheus URL be a loopback, private or link-local address."
+    )
+    evidence_alertmanager_allow_http: bool = Field(
+        False, description="Worker: let the Alertmanager URL be plain http."
+    )
+    evidence_alertmanager_allow_private_endpoints: bool = Field(
+        False, description="Worker: let the Alertmanager URL be a loopback, private or link-local address."
+    )
+    evidence_prometheus_bearer_token: str = Field("", repr=False, description="Worker: bearer token (from a Secret).")
+    evidence_prometheus_username: str = Field("", repr=False, description="Worker: basic auth user (from a Secret).")
+    evidence_prometheus_password: str = Field(
+        "", repr=False, description="Worker: basic auth password (from a Secret)."
+    )
+    evidence_prometheus_ca: str = Field("", repr=False, description="Worker: PEM CA bundle to trust for Prometheus.")
+    evidence_prometheus_insecure_skip_verify: bool = Field(
+        False, description="Worker: do not check Prometheus's certificate (tests only)."
+    )
+    evidence_alertmanager_bearer_token: str = Field("", repr=False, description="Worker: bearer token (from a Secret).")
+    evidence_alertmanager_username: str = Field("", repr=False, description="Worker: basic auth user (from a Secret).")
+    evidence_alertmanager_password: str = Field(
+        "", repr=False, description="Worker: basic auth password (from a Secret)."
+    )
+    evidence_alertmanager_ca: str = Field(
+        "", repr=False, description="Worker: PEM CA bundle to trust for Alertmanager."
+    )
+    evidence_alertmanager_insecure_skip_verify: bool = Field(
+        False, description="Worker: do not check Alertmanager's certificate (tests only)."
+    )
+    evidence_timeout_seconds: float = Field(5, gt=0, le=60, description="Worker: per evidence request.")
+    evidence_budget_seconds: float = Field(10, gt=0, le=120, description="Worker: all evidence of one job together.")
+    evidence_cache_seconds: float = Field(
+        30, ge=0, le=600, description="Worker: reuse evidence for jobs of the same fingerprint this long."
+    )
+    history_default_branches: str = Field(
+        "main,master", description="Comma-separated branch names whose script runs count as the default branch."
     )
     # ingest (HTTP endpoints for Alertmanager, script results and JUnit uploads; in the operator process)
     ingest_port: int = Field(8000, ge=0, le=65535, description="Ingest HTTP port (0 = off).")
@@ -101,6 +170,23 @@ class Settings(BaseModel):
     alert_priority_map: str = Field(
         "critical=kubetriage-p1,warning=kubetriage-p2,info=kubetriage-p3",
         description="Alert severity label -> PriorityClass, as value=class pairs; unmapped = alert_priority_class.",
+    )
+    # actions on verdicts (TriagePolicies) and TTL: the operator (kubetriage.controller.actions, controller.ttl)
+    actions_secrets_dir: str = Field(
+        "/etc/kubetriage/action-secrets", description="Operator: where the chart mounts the Secrets TriagePolicies "
+        "name (one folder per Secret, one file per key); the operator reads no Secret from the API."
+    )
+    actions_secret_namespaces: str = Field(
+        "", description="Operator: JSON object Secret name -> namespaces whose TriagePolicies may use it (from the "
+        "chart's actions.secrets); a Secret not listed is refused."
+    )
+    actions_max_attempts: int = Field(5, ge=1, le=20, description="Operator: tries of one action before it is Failed.")
+    actions_retry_backoff_seconds: float = Field(
+        2, ge=0, le=600, description="Operator: first retry delay of a failed action; doubles per try."
+    )
+    actions_timeout_seconds: float = Field(10, gt=0, le=120, description="Operator: per action request.")
+    ttl_deletions_per_second: int = Field(
+        20, ge=1, le=1000, description="Operator: most finished TriageJobs deleted per second when their TTL ends."
     )
 
     @classmethod
@@ -129,16 +215,37 @@ class Settings(BaseModel):
             raise ValueError(f"not a namespace name: {', '.join(bad)}")
         return value
 
+    @field_validator("actions_secret_namespaces")
+    @classmethod
+    def _secret_namespaces_are_a_json_object(cls, value: str) -> str:
+        parse_secret_namespaces(value)
+        return value
+
     @field_validator("alert_priority_map")
     @classmethod
     def _priority_map_is_pairs(cls, value: str) -> str:
         parse_priority_map(value)
         return value
 
+    @field_validator("redact_patterns")
+    @classmethod
+    def _redact_patterns_are_a_json_list(cls, value: str) -> str:
+        _json_strings(value)
+        return value
+
+    @property
+    def redact_pattern_list(self) -> tuple[str, ...]:
+        """The pool's own redaction expressions (a JSON list: a regular expression may hold any comma)."""
+        return _json_strings(self.redact_patterns)
+
     @property
     def identity_label_list(self) -> tuple[str, ...] | None:
         """The pool's identity labels, or None for the default set."""
         return tuple(_split(self.identity_labels)) or None
+
+    @property
+    def default_branches(self) -> list[str]:
+        return _split(self.history_default_branches)
 
     @property
     def ingest_namespaces(self) -> list[str]:
@@ -151,8 +258,24 @@ class Settings(BaseModel):
         return parse_priority_map(self.alert_priority_map)
 
     @property
+    def secret_namespaces(self) -> dict[str, frozenset[str]]:
+        return parse_secret_namespaces(self.actions_secret_namespaces)
+
+    @property
     def watched_namespaces(self) -> list[str]:
         return [n.strip() for n in self.namespaces.split(",") if n.strip()]
+
+
+def _json_strings(value: str) -> tuple[str, ...]:
+    if not value.strip():
+        return ()
+    try:
+        found = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"expected a JSON list of strings: {exc}") from None
+    if not isinstance(found, list) or not all(isinstance(x, str) for x in found):
+        raise ValueError("expected a JSON list of strings")
+    return tuple(found)
 
 
 def _split(value: str) -> list[str]:
@@ -168,3 +291,18 @@ def parse_priority_map(value: str) -> dict[str, str]:
             raise ValueError(f"expected severity=PriorityClass pairs separated by commas, got {pair!r}")
         out[key.strip()] = cls.strip()
     return out
+
+
+def parse_secret_namespaces(value: str) -> dict[str, frozenset[str]]:
+    """``{"team-a-hooks": ["team-a"]}`` -> Secret name -> namespaces allowed to use it."""
+    if not value.strip():
+        return {}
+    try:
+        found = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"expected a JSON object of Secret name -> list of namespaces: {exc}") from None
+    if not isinstance(found, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(n, str) for n in v)
+            for k, v in found.items()):
+        raise ValueError("expected a JSON object of Secret name -> list of namespaces")
+    return {k: frozenset(v) for k, v in found.items()}

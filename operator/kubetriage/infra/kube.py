@@ -22,6 +22,7 @@ import aiohttp
 import kopf
 
 from kubetriage.api.models import API_VERSION
+from kubetriage.infra.kubeconfig import KubeLoginError, Login
 
 
 class ApiError(Exception):
@@ -72,47 +73,107 @@ def connection_info() -> kopf.ConnectionInfo:
     return info
 
 
-class Kube:
-    """The handful of REST verbs the operator and CLI need; paths are built by the caller's helpers."""
+class KubeLoginFailed(ApiError):
+    """No credentials could be had (an exec plugin failed, a token file is gone), or they were refused twice."""
 
-    def __init__(self, info: kopf.ConnectionInfo | None = None, timeout: float = 30.0) -> None:
-        info = info or connection_info()
-        headers = {"Accept": "application/json"}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
-        self._auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
+    def __init__(self, message: str) -> None:
+        super().__init__(401, message, "Unauthorized")
+
+
+class Kube:
+    """The handful of REST verbs the operator and CLI need; paths are built by the caller's helpers.
+
+    With a ``login`` (the CLI's kubeconfig, see :mod:`kubetriage.infra.kubeconfig`) the credentials are fetched
+    before the first request, again when they expire, and once more after a 401, when the request is retried
+    once. The operator passes none: it uses kopf's login, as its watches do.
+    """
+
+    def __init__(self, info: kopf.ConnectionInfo | None = None, timeout: float = 30.0,
+                 login: Login | None = None) -> None:
+        self._login = login
+        info = info or (login.base if login is not None else connection_info())
         self.default_namespace = info.default_namespace or "default"
         self.server = info.server.rstrip("/")
-        self._ssl = _ssl_context(info)
-        self._headers = headers
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._stale_sessions: list[aiohttp.ClientSession] = []
+        self._ssl: ssl.SSLContext | bool | None = None
+        self._tls: tuple[Any, ...] = ()
+        self._info = info
+        self._use(info)
+
+    def _use(self, info: kopf.ConnectionInfo) -> None:
+        """Take these credentials for the next requests; new TLS client material needs a new session."""
+        tls = (info.certificate_path, info.certificate_data, info.private_key_path, info.private_key_data)
+        if self._ssl is None or tls != self._tls:
+            self._ssl = _ssl_context(info)
+            self._tls = tls
+            if self._session is not None:
+                # closed in close(), not now: requests still in flight on it must finish
+                self._stale_sessions.append(self._session)
+                self._session = None
+        self._authorization = f"{info.scheme or 'Bearer'} {info.token}" if info.token else None
+        # a token wins over basic auth, as in kubectl (aiohttp refuses both on one request)
+        self._auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username and not info.token \
+            else None
+        self._info = info
 
     @property
     def session(self) -> aiohttp.ClientSession:
         # created lazily: an aiohttp session must be born inside the running event loop
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                headers=self._headers, auth=self._auth, timeout=self._timeout,
+                headers={"Accept": "application/json"}, timeout=self._timeout,
                 connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
                 json_serialize=lambda obj: _json.dumps(obj, separators=(",", ":")),
             )
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in [*self._stale_sessions, self._session]:
+            if session is not None:
+                await session.close()
+        self._stale_sessions.clear()
 
-    async def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
-                      json: Any = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
-        clean = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()}
+    async def _credentials(self, refused: kopf.ConnectionInfo | None = None) -> kopf.ConnectionInfo:
+        assert self._login is not None
         try:
-            async with self.session.request(method, self.server + path, params=clean or None, json=json,
-                                            headers=headers) as resp:
-                status, body = resp.status, await resp.read()
+            info = await self._login.credentials(refused=refused)
+        except KubeLoginError as exc:
+            raise KubeLoginFailed(str(exc)) from None
+        if info is not self._info:
+            self._use(info)
+        return info
+
+    async def _send(self, method: str, path: str, params: dict[str, str] | None, json: Any,
+                    headers: dict[str, str] | None) -> tuple[int, bytes]:
+        if self._authorization:
+            headers = {"Authorization": self._authorization, **(headers or {})}
+        try:
+            async with self.session.request(method, self.server + path, params=params, json=json,
+                                            headers=headers, auth=self._auth) as resp:
+                return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             # one error type for callers: an unreachable API server is a retryable 503
             raise ApiError(503, f"API server {self.server} unreachable: {exc!r}", "ServiceUnavailable") from exc
+
+    async def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                      json: Any = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        clean = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()} or None
+        used = await self._credentials() if self._login is not None else self._info
+        status, body = await self._send(method, path, clean, json, headers)
+        if status == 401 and self._login is not None and self._login.renewable:
+            # a revoked, rotated or early-expired credential: log in again once (the exec plugin runs again,
+            # the token file is re-read) and retry once; our requests carry JSON, so they can be sent again
+            await self._credentials(refused=used)
+            status, body = await self._send(method, path, clean, json, headers)
+            if status == 401:
+                raise KubeLoginFailed(f"the API server {self.server} refused the credentials of "
+                                      f"{self._login.source}, also after logging in again; log in anew (for "
+                                      "a cloud cluster, with its CLI) or ask for a valid token")
+        elif status == 401 and self._login is not None:
+            raise KubeLoginFailed(f"the API server {self.server} refused the credentials of {self._login.source} "
+                                  "(401 Unauthorized); they are fixed in the kubeconfig: replace them")
         if status >= 400:
             try:
                 detail = _json.loads(body)
@@ -191,6 +252,14 @@ def triagejob_path(namespace: str, name: str | None = None, status: bool = False
 
 def triagepool_path(namespace: str, name: str | None = None, status: bool = False) -> str:
     return _path("triagepools", namespace, name, status)
+
+
+def triagerule_path(namespace: str, name: str | None = None, status: bool = False) -> str:
+    return _path("triagerules", namespace, name, status)
+
+
+def triagepolicy_path(namespace: str, name: str | None = None, status: bool = False) -> str:
+    return _path("triagepolicies", namespace, name, status)
 
 
 def deployment_path(namespace: str, name: str | None = None) -> str:

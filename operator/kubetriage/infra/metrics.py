@@ -21,6 +21,13 @@ VERDICTS = Counter("kubetriage_verdicts_total", "Verdicts recorded.", ["classifi
 JOBS_FAILED = Counter("kubetriage_jobs_failed_total", "TriageJobs that ended Failed.", ["reason"])
 LEASE_EXPIRIES = Counter("kubetriage_lease_expiries_total", "Leases that expired (worker lost).", ["pool"])
 RETRIES = Counter("kubetriage_retries_total", "Analysis attempts that failed and were retried.", ["pool", "reason"])
+RERUNS = Counter(
+    "kubetriage_reruns_total",
+    "Jobs analysed again because Redis lost them after a worker had claimed them (counted as an attempt).", ["pool"])
+ADMISSION_RETRIES = Counter(
+    "kubetriage_admission_retries_total", "TriageJob admissions that failed and were scheduled again.", ["reason"])
+RESYNC_ADMITTED = Counter(
+    "kubetriage_resync_admitted_total", "Unfinished TriageJobs the periodic resync found missing from the queue.")
 QUEUE_OLDEST = Gauge(
     "kubetriage_queue_oldest_age_seconds", "Age of the oldest waiting job, per pool and priority.",
     ["pool", "priority"])
@@ -40,11 +47,25 @@ QUEUE_WAIT = Histogram(
     "kubetriage_queue_wait_seconds", "Time from queued to claimed by a worker.", ["pool"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+EVIDENCE = Counter(
+    "kubetriage_evidence_total",
+    "Evidence a worker gathered, by pool, source and outcome (ok, cached, skipped, or why it failed: timeout, "
+    "budget, unreachable, refused, http_error, too_large, invalid, error).", ["pool", "source", "outcome"])
+EVIDENCE_SECONDS = Histogram(
+    "kubetriage_evidence_duration_seconds", "Time one evidence gatherer took for one job (cache misses).",
+    ["pool", "source"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 INGEST_REQUESTS = Counter(
     "kubetriage_ingest_requests_total", "Ingest HTTP requests, by route and status code.", ["route", "code"])
 INGEST_JOBS = Counter("kubetriage_ingest_jobs_total", "TriageJobs ingest handled, by route and result.",
                       ["route", "result"])
+
+ACTIONS = Counter(
+    "kubetriage_actions_total", "TriagePolicy actions on verdicts, by action, mode and result (Shadow: would have "
+    "run; Retried: failed once, tried again).", ["action", "mode", "result"])
+TTL_DELETIONS = Counter("kubetriage_ttl_deletions_total",
+                        "Finished TriageJobs deleted when their ttlSecondsAfterFinished ended.")
 
 
 def start_server(port: int) -> None:

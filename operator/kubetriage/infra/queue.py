@@ -27,9 +27,10 @@ identity ``I`` (``{uid}/{name}``, so a duplicate's status can name its primary):
 - ``kt:bucket:{P}``       hash: token-bucket state, ``tokens`` (float) and ``ts`` (last refill, ms)
 - ``kt:events``           stream (about 100k entries), read by the operator's consumer group ``operator``:
                           ``type`` (started, result or failed), ``uid``, ``attempt``, ``us`` (µs), ``worker``
-                          (absent on failed), ``body`` (the verdict JSON of a result, the reason of a failure;
-                          absent on started)
-- ``kt:fp:{ns}:{fp}``     string: ``I`` of the primary job for a fingerprint, TTL = dedup window
+                          (absent on failed), ``body`` (a result's ``WorkerResult`` JSON: the verdict and its
+                          evidence; the reason of a failure; absent on started)
+- ``kt:fp:{scope}:{fp}``  string: ``I`` of the primary job for a fingerprint in its scope (namespace, source
+  type, target: ``fingerprint.dedup_scope``), TTL = dedup window
 - ``kt:dups:{I}``         set: duplicates waiting for the primary's verdict, each a JSON object with ``ns``,
                           ``name``, ``uid``, ``type``, ``id`` and ``summary`` (enough to record their verdict
                           without reading them back), TTL = DUPLICATES_TTL_FACTOR x dedup window
@@ -38,8 +39,13 @@ identity ``I`` (``{uid}/{name}``, so a duplicate's status can name its primary):
 - ``kt:memory``           list: human verdicts for the workers' memory analyzer (workers have no database),
                           each a JSON object with ``text``, ``classification``, ``reason``, ``source``,
                           ``check_type``, ``kind`` and ``subject``; oldest first, at most MEMORY_MAX
+- ``kt:memory:version``   string (integer): counts the cases ever published to ``kt:memory``, so a worker
+                          asks only for the ones it has not seen; created at the time in µs, so a version
+                          from before Redis lost its data is never mistaken for a recent one
 - ``kt:epoch``            string: the identity of the operator that last rebuilt the queues; present while
                           the queues are complete, absent after Redis lost its data
+- ``kt:fpready``          string ``1``: present once the rebuild gave the primaries their fingerprints back (its
+                          first step); admission does not deduplicate while neither it nor the epoch exists
 """
 
 from __future__ import annotations
@@ -215,6 +221,68 @@ end
 return redis.call('DEL', jk)
 """
 
+_RESTORE_PRIMARY = """
+-- Redis lost its data: a primary still inside its dedup window takes its fingerprint back (unless a job
+-- took it meanwhile), and a finished one its verdict, so later duplicates still fold into it
+local prefix, key, uid, ttl, verdict, verdict_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],
+  tonumber(ARGV[6])
+local ok = redis.call('SET', prefix..':fp:'..key, uid, 'NX', 'EX', ttl)
+if verdict ~= '' and verdict_ttl > 0 then
+  redis.call('SET', prefix..':verdict:'..uid, verdict, 'NX', 'EX', verdict_ttl)
+end
+if ok then return 1 end
+return 0
+"""
+
+_FORGET_CONSUMER = """
+-- a consumer that stopped long ago and holds nothing: remove it, in one step with the check, so that no
+-- entry it holds is dropped with it (deleting a consumer drops its pending entries)
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+if #redis.call('XPENDING', stream, group, '-', '+', 1, consumer) > 0 then return 0 end
+return redis.call('XGROUP', 'DELCONSUMER', stream, group, consumer)
+"""
+
+_PUBLISH_MEMORY = """
+-- append human-verdict cases, keep the newest ones, and count them: the count is the list's version
+local prefix, max = ARGV[1], tonumber(ARGV[2])
+local list, version = prefix..':memory', prefix..':memory:version'
+if redis.call('EXISTS', version) == 0 then
+  -- a new memory (new install, or Redis lost its data): counting from the time in µs puts it far above
+  -- anything an older memory counted to, so a worker holding an old version is sent the whole list
+  local t = redis.call('TIME')
+  redis.call('SET', version, t[1] .. string.format('%06d', tonumber(t[2])))
+end
+-- in slices: unpack() of thousands of arguments overflows Lua's stack
+for i = 3, #ARGV, 1000 do
+  redis.call('RPUSH', list, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('LTRIM', list, -max, -1)
+return redis.call('INCRBY', version, #ARGV - 2)
+"""
+
+_MEMORY_SINCE = """
+-- the cases published after the caller's version, or the whole list when those are not all still there
+local prefix, since = ARGV[1], ARGV[2]
+local list = prefix..':memory'
+local version = redis.call('GET', prefix..':memory:version')
+local size = redis.call('LLEN', list)
+if version and since ~= '' then
+  -- exact in Lua's doubles: versions stay far below 2^53
+  local new = tonumber(version) - tonumber(since)
+  if new >= 0 and new <= size then
+    local items = {}
+    if new > 0 then items = redis.call('LRANGE', list, -new, -1) end
+    table.insert(items, 1, 'delta')
+    table.insert(items, 1, version)
+    return items
+  end
+end
+local items = redis.call('LRANGE', list, 0, -1)
+table.insert(items, 1, 'full')
+table.insert(items, 1, version or '')
+return items
+"""
+
 _UPDATE_PAYLOAD = """
 -- new evidence for a job no worker has started yet (a resolved alert): swap its payload in place
 local prefix, uid, payload = ARGV[1], ARGV[2], ARGV[3]
@@ -229,6 +297,11 @@ _DEDUP = """
 -- first job with a fingerprint inside the window is the primary; later ones attach to it
 local prefix, key, uid, ttl, member = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local dups_ttl = tonumber(ARGV[6])
+-- Redis lost its data (no epoch) and the rebuild has not given the primaries their fingerprints back yet: a
+-- duplicate deciding now would become a second primary, so the caller retries in a moment
+if ARGV[7] == '1' and redis.call('EXISTS', prefix..':epoch', prefix..':fpready') == 0 then
+  return {'rebuilding', ''}
+end
 local ok = redis.call('SET', prefix..':fp:'..key, uid, 'NX', 'EX', ttl)
 if ok then return {'primary', uid} end
 local primary = redis.call('GET', prefix..':fp:'..key)
@@ -239,6 +312,37 @@ redis.call('SADD', prefix..':dups:'..primary, member)
 redis.call('EXPIRE', prefix..':dups:'..primary, dups_ttl)
 return {'duplicate', primary}
 """
+
+
+@dataclass(frozen=True)
+class Primary:
+    """A primary whose fingerprint the rebuild puts back: for ``ttl_s`` more seconds (what is left of its dedup
+    window), with its verdict (status wire JSON) for ``verdict_ttl_s`` when it is finished."""
+
+    scope: str
+    fingerprint: str
+    identity: str
+    ttl_s: int
+    verdict_json: str = ""
+    verdict_ttl_s: int = 0
+
+
+class Rebuilding(Exception):
+    """Redis lost its data and the operator has not rebuilt the queues yet: try again after the rebuild."""
+
+
+@dataclass(frozen=True)
+class MemoryDelta:
+    """Human-verdict cases a worker has not seen (oldest first), and the memory version they bring it to.
+
+    ``complete``: the cases are the whole list, to start over from (the
+    worker had no version, or cases it never saw were trimmed, or Redis lost
+    its data since); otherwise they follow the ones it has.
+    """
+
+    version: int | None
+    complete: bool
+    cases: list[bytes]
 
 
 @dataclass(frozen=True)
@@ -289,6 +393,10 @@ class Queue:
         self._remove = client.register_script(_REMOVE)
         self._dedup = client.register_script(_DEDUP)
         self._update_payload = client.register_script(_UPDATE_PAYLOAD)
+        self._publish_memory = client.register_script(_PUBLISH_MEMORY)
+        self._memory_since = client.register_script(_MEMORY_SINCE)
+        self._restore_primary = client.register_script(_RESTORE_PRIMARY)
+        self._forget_consumer = client.register_script(_FORGET_CONSUMER)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -323,6 +431,15 @@ class Queue:
     async def known(self, uid: str) -> bool:
         return bool(await self._redis.exists(self._key("job", uid)))
 
+    async def known_many(self, uids: list[str]) -> set[str]:
+        """The uids of ``uids`` that have a job entry (queued, leased, delayed or reported), in one round trip."""
+        if not uids:
+            return set()
+        pipe = self._redis.pipeline(transaction=False)
+        for uid in uids:
+            pipe.exists(self._key("job", uid))
+        return {uid for uid, n in zip(uids, await pipe.execute(), strict=True) if n}
+
     async def job(self, uid: str) -> dict[str, str]:
         raw = await self._redis.hgetall(self._key("job", uid))
         return {k.decode(): v.decode() for k, v in raw.items()}
@@ -350,19 +467,41 @@ class Queue:
         return out
 
     async def dedup(
-        self, namespace: str, fingerprint: str, identity: str, member: str, window_s: int
+        self, scope: str, fingerprint: str, identity: str, member: str, window_s: int, *,
+        require_fingerprints: bool = False,
     ) -> tuple[str, str, str]:
         """('primary'|'duplicate'|'done', primary identity, verdict JSON when done).
 
         The first job with a fingerprint inside the window is the primary; a later
         one is added to the primary's duplicates, or gets its verdict at once
-        when the primary is already done. ``identity`` is ``uid/name``, ``member``
+        when the primary is already done. ``scope`` is where the fingerprint counts
+        (``fingerprint.dedup_scope``: namespace, source type, target). ``identity`` is ``uid/name``, ``member``
         the JSON a duplicate is remembered by (see the module docstring).
+
+        ``require_fingerprints``: raise ``Rebuilding`` instead of deciding while Redis lost its data and the
+        rebuild has not given the primaries their fingerprints back yet (``restore_primaries``).
         """
-        res = await self._dedup(args=[self.prefix, f"{namespace}:{fingerprint}", identity, str(window_s), member,
-                                      str(_duplicates_ttl(window_s))])
+        res = await self._dedup(args=[self.prefix, f"{scope}:{fingerprint}", identity, str(window_s), member,
+                                      str(_duplicates_ttl(window_s)), "1" if require_fingerprints else ""])
         parts = [p.decode() if isinstance(p, bytes) else p for p in res]
+        if parts[0] == "rebuilding":
+            raise Rebuilding("Redis lost its data; deduplication waits for the queues to be rebuilt")
         return parts[0], parts[1], parts[2] if len(parts) > 2 else ""
+
+    async def restore_primaries(self, primaries: list[Primary]) -> int:
+        """Give primaries their fingerprints back (and finished ones their verdicts), in one round trip;
+        returns how many got theirs (another job may hold one already: it is left as it is)."""
+        if not primaries:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for p in primaries:
+            await self._restore_primary(args=[self.prefix, f"{p.scope}:{p.fingerprint}", p.identity,
+                                              str(max(1, p.ttl_s)), p.verdict_json, str(p.verdict_ttl_s)], client=pipe)
+        return sum(int(n) for n in await pipe.execute())
+
+    async def fingerprints_restored(self) -> None:
+        """The rebuild gave the primaries their fingerprints back: new jobs may be deduplicated again."""
+        await self._redis.set(self._key("fpready"), "1")
 
     async def add_duplicate(self, primary: str, member: str, window_s: int) -> None:
         """Attach a duplicate to its primary again (Redis lost the set): it gets the primary's verdict."""
@@ -392,28 +531,34 @@ class Queue:
         """
         return bool(await self._redis.set(self._key("verdict", primary), verdict_json, xx=True, keepttl=True))
 
-    async def publish_human_cases(self, *cases: str) -> None:
-        """Append human-verdict cases (JSON) to the memory list, keeping only the newest MEMORY_MAX."""
+    async def publish_human_cases(self, *cases: str) -> int | None:
+        """Append human-verdict cases (JSON) to the memory list, keeping only the newest MEMORY_MAX.
+
+        Returns the memory's new version (None when there was nothing to publish): it grows by one per case,
+        also once the list is full and its length no longer changes.
+        """
         if not cases:
-            return
-        key = self._key("memory")
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.rpush(key, *cases)
-        pipe.ltrim(key, -MEMORY_MAX, -1)
-        await pipe.execute()
+            return None
+        return int(await self._publish_memory(args=[self.prefix, str(MEMORY_MAX), *cases]))
 
     async def memory_seeded(self) -> bool:
         """Whether the memory list exists; absent after Redis lost its data (or on a new install)."""
         return bool(await self._redis.exists(self._key("memory")))
 
-    async def memory_version(self) -> tuple[int, bytes | None]:
-        """Changes whenever a case is published: the length alone stops changing once the list is full."""
-        key = self._key("memory")
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.llen(key)
-        pipe.lindex(key, -1)
-        size, newest = await pipe.execute()
-        return int(size), newest
+    async def memory_version(self) -> int | None:
+        """The count of cases ever published to the memory list; None before the first (or after a data loss)."""
+        raw = await self._redis.get(self._key("memory", "version"))
+        return None if raw is None else int(raw)
+
+    async def memory_since(self, version: int | None) -> MemoryDelta:
+        """The cases published after ``version`` (the caller's last ``MemoryDelta.version``), in one atomic read.
+
+        When they are no longer all in the list (trimmed, or Redis lost its data) or ``version`` is None, the
+        whole list instead, with ``complete`` set.
+        """
+        res = await self._memory_since(args=[self.prefix, "" if version is None else str(version)])
+        head, mode = res[0].decode() if isinstance(res[0], bytes) else str(res[0]), res[1]
+        return MemoryDelta(int(head) if head else None, mode in (b"full", "full"), list(res[2:]))
 
     async def memory_cases(self) -> list[bytes]:
         """Every human-verdict case of the memory list, oldest first (raw JSON)."""
@@ -485,6 +630,44 @@ class Queue:
         res = await self._redis.xautoclaim(self._key("events"), EVENTS_GROUP, consumer, min_idle_ms, "0-0", count=count)
         entries = res[1] if res else []
         return [_event(eid, fields) for eid, fields in entries if fields]  # empty: deleted meanwhile
+
+    async def take_over_stopped(self, consumer: str, min_idle_ms: int, forget_idle_ms: int,
+                                count: int = 512) -> tuple[list[Event], list[str]]:
+        """Events read but never acknowledged by consumers that stopped: ``consumer`` takes them over.
+
+        A consumer has stopped when it has not read for ``min_idle_ms`` (a live one reads every half second).
+        Its entries are claimed with the same idle bound, so two replicas cannot both take one. Stopped
+        consumers that hold nothing and have been idle for ``forget_idle_ms`` are removed (every operator
+        start has a new name). Returns the events and the names of the consumers they came from.
+        """
+        stream = self._key("events")
+        try:
+            consumers = await self._redis.xinfo_consumers(stream, EVENTS_GROUP)
+        except aioredis.ResponseError:  # no stream or group yet (a new or flushed Redis): nothing to take over
+            return [], []
+        taken: list[Event] = []
+        owners: list[str] = []
+        for info in consumers:
+            name = info["name"].decode() if isinstance(info["name"], bytes) else str(info["name"])
+            idle, pending = int(info["idle"]), int(info["pending"])
+            if name == consumer or idle < min_idle_ms:
+                continue
+            if pending == 0:
+                if idle >= forget_idle_ms:
+                    await self._forget_consumer(keys=[stream], args=[EVENTS_GROUP, name])
+                continue
+            entries = await self._redis.xpending_range(stream, EVENTS_GROUP, "-", "+", count - len(taken),
+                                                       consumername=name)
+            ids = [e["message_id"] for e in entries]
+            if ids:
+                claimed = await self._redis.xclaim(stream, EVENTS_GROUP, consumer, min_idle_ms, ids)
+                got = [_event(eid, fields) for eid, fields in claimed if fields]
+                if got:
+                    taken += got
+                    owners.append(name)
+            if len(taken) >= count:
+                break
+        return taken, owners
 
     async def ack(self, *event_ids: str) -> None:
         if event_ids:

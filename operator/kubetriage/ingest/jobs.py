@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
-from kubetriage.api.keys import INGEST_LABEL
+from kubetriage.api.keys import INGEST_KEY, INGEST_LABEL, VERDICT
 from kubetriage.api.models import (
     API_VERSION,
     DNS_LABEL,
@@ -125,12 +125,22 @@ def truncate(text: str | None, limit: int, keep: Literal["head", "tail"] = "head
     return text[:room] + marker if keep == "head" else marker + text[-room:]
 
 
+def ingest_key(*parts: Any) -> str:
+    """The identity a job name is derived from, as a sha256 for the ``kubetriage.io/ingest-key`` annotation.
+
+    Names are short and partly lossy (lowercased, slugged, hashed), so two different inputs can meet on one
+    name; this full hash of the exact input is what tells a re-send (same key) from a collision (another key).
+    """
+    text = json.dumps(parts, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def job_body(name: str, spec: TriageJobSpec, labels: dict[str, str],
-             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+             annotations: dict[str, str] | None = None, *, key: str) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
         "kind": "TriageJob",
-        "metadata": {"name": name, "labels": labels, "annotations": annotations or {}},
+        "metadata": {"name": name, "labels": labels, "annotations": {**(annotations or {}), INGEST_KEY: key}},
         "spec": spec.wire(),
     }
 
@@ -148,6 +158,7 @@ class JobResult:
     extra: dict[str, Any] = field(default_factory=dict)
     retryable: bool = False
     blame: str = "body"  # the input field to blame when this failure is the client's (422)
+    conflict: bool = False  # the name is taken by a different input (409)
 
     def public(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "result": self.result}
@@ -170,20 +181,74 @@ def api_failure(name: str, exc: Exception, namespace: str) -> JobResult:
                      retryable=True)
 
 
+def describe(job: dict[str, Any]) -> str:
+    """What a TriageJob is about, in a few words, for a message that names two jobs."""
+    spec = job.get("spec") or {}
+    source = spec.get("source") or {}
+    if spec.get("alert"):
+        alert = spec["alert"]
+        labels = ",".join(f"{k}={v}" for k, v in sorted((alert.get("labels") or {}).items()))
+        return f"alert {alert.get('name')!r} {{{labels[:300]}}} starting {alert.get('startsAt')}"
+    sr = spec.get("scriptResult") or {}
+    what = f"script result id {source['id']!r}" if source.get("id") is not None else "script result"
+    test = f", test {sr['testCase'][:200]!r}" if sr.get("testCase") else ""
+    return f"{what} of script {str(sr.get('scriptName'))[:200]!r}{test}"
+
+
+def same_input(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Whether an existing job with our name came from the same input (a re-send) or a different one (a collision)."""
+    key = (theirs.get("metadata") or {}).get("annotations", {}).get(INGEST_KEY)
+    if key:
+        return bool(key == ours["metadata"]["annotations"].get(INGEST_KEY))
+    # a job without the key (made by kubectl, or by a kubetriage before the key existed): compare what the
+    # spec says about its origin; where it says nothing that tells them apart, it is taken for a re-send
+    mine, spec = ours["spec"], theirs.get("spec") or {}
+    if (mine.get("source") or {}).get("type") != (spec.get("source") or {}).get("type"):
+        return False
+    if "alert" in mine:
+        return bool((mine["alert"].get("labels") or {}) == ((spec.get("alert") or {}).get("labels") or {}))
+    return bool((mine.get("source") or {}).get("id") == (spec.get("source") or {}).get("id"))
+
+
+def collision(name: str, namespace: str, ours: dict[str, Any], theirs: dict[str, Any]) -> JobResult:
+    return JobResult(name, "failed", f"name collision: TriageJob {name} already exists for {describe(theirs)}, "
+                                     f"so {describe(ours)} was not created (nothing was overwritten). Once that job "
+                                     f"has its verdict, 'kubectl delete triagejob {name} -n {namespace}' frees the "
+                                     "name and sending this one again creates it. Between two jobs made by this "
+                                     "version it is a kubetriage bug: please report it",
+                     conflict=True)
+
+
 async def create_job(kube: Kube, namespace: str, body: dict[str, Any]) -> JobResult:
-    """POST the job; 409 AlreadyExists is success (a re-send of the same thing), reported as ``exists``."""
+    """POST the job; on 409 AlreadyExists, ``exists`` for a re-send of the same input, a collision otherwise."""
     from kubetriage.infra.kube import ApiError, triagejob_path
 
     name = body["metadata"]["name"]
-    try:
-        await kube.create(triagejob_path(namespace), body)
-    except ApiError as exc:
-        if exc.status == 409:
+    # A human verdict is a person's word (kubetriage verdict set): nothing ingested carries one, whatever built it.
+    meta = body["metadata"]
+    meta["annotations"] = {k: v for k, v in (meta.get("annotations") or {}).items() if not k.startswith(VERDICT)}
+    for _ in range(2):  # twice: the job we collided with may be deleted before we read it
+        try:
+            await kube.create(triagejob_path(namespace), body)
+            return JobResult(name, "created")
+        except ApiError as exc:
+            if exc.status != 409:
+                return api_failure(name, exc, namespace)
+        except (OSError, TimeoutError) as exc:  # a Kube that lets transport errors through
+            return api_failure(name, exc, namespace)
+        try:
+            existing = await kube.get(triagejob_path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                continue
+            return api_failure(name, exc, namespace)
+        except (OSError, TimeoutError) as exc:
+            return api_failure(name, exc, namespace)
+        if same_input(body, existing):
             return JobResult(name, "exists")
-        return api_failure(name, exc, namespace)
-    except (OSError, TimeoutError) as exc:  # a Kube that lets transport errors through
-        return api_failure(name, exc, namespace)
-    return JobResult(name, "created")
+        return collision(name, namespace, body, existing)
+    return JobResult(name, "failed", "the job was created and deleted by someone else while we created it; "
+                                     "safe to retry", retryable=True)
 
 
 async def run_bounded(calls: list[Callable[[], Awaitable[JobResult]]]) -> list[JobResult]:
@@ -261,14 +326,26 @@ class ScriptResultIn(BaseModel):
 
 def script_job(item: ScriptResultIn, *, priority_class: str | None = None,
                pool: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The TriageJob for one script result: ``sr-<script>-<id>``, or a hash of the payload without an id."""
-    if item.id is not None and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,22}[A-Za-z0-9])?", str(item.id)):
-        suffix = str(item.id).lower()
-    elif item.id is not None:
-        suffix = short_hash(str(item.id), length=12)
-    else:
+    """The TriageJob for one script result: ``sr-<script>-<id>``, or a hash of the payload without an id.
+
+    Only an id that is already a DNS label piece without dashes is used as it is: lowercasing ``AbC1`` would
+    meet ``abc1``, and a dash would blur where the script ends (``checkout`` + ``e2e-1`` against
+    ``checkout-e2e`` + ``1``). Any other id gets a hash of its exact text. Ids that were used as they are before
+    keep their names, so re-sends across an upgrade stay no-ops.
+    """
+    if item.id is None:
         # no row id: the same payload posted twice is the same run
-        suffix = short_hash(json.dumps(item.model_dump(mode="json"), sort_keys=True), length=12)
+        payload = json.dumps(item.model_dump(mode="json"), sort_keys=True)
+        suffix = short_hash(payload, length=12)
+        key = ingest_key("script-result", payload)
+    else:
+        key = ingest_key("script-result", item.script_name, item.id)
+        if re.fullmatch(r"[a-z0-9]{1,24}", item.id):
+            suffix = item.id
+        elif re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,22}[A-Za-z0-9])?", item.id):  # readable, and exact
+            suffix = f"{slug(item.id, 14)}-{short_hash(item.id, length=10)}"
+        else:
+            suffix = short_hash(item.id, length=12)
     name = f"sr-{slug(item.script_name, MAX_JOB_NAME - 4 - len(suffix), 'script')}-{suffix}"
     logs = item.logs_excerpt if item.logs_excerpt is not None else item.logs
     try:
@@ -293,4 +370,4 @@ def script_job(item: ScriptResultIn, *, priority_class: str | None = None,
         )
     except ValidationError as exc:
         raise validation_error(exc, "spec") from None
-    return name, job_body(name, spec, {INGEST_LABEL: "script-result"})
+    return name, job_body(name, spec, {INGEST_LABEL: "script-result"}, key=key)

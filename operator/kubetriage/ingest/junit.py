@@ -43,7 +43,16 @@ from kubetriage.api.models import (
     SourceType,
     TriageJobSpec,
 )
-from kubetriage.ingest.jobs import IngestError, job_body, label_value, short_hash, slug, truncate, validation_error
+from kubetriage.ingest.jobs import (
+    IngestError,
+    ingest_key,
+    job_body,
+    label_value,
+    short_hash,
+    slug,
+    truncate,
+    validation_error,
+)
 
 MAX_DEPTH = 64
 MAX_ELEMENTS = 200_000
@@ -216,8 +225,8 @@ def _link(base: str, path: str) -> str:
 
 def case_job(case: Case, run_key: str, occurrence: int, opts: UploadOptions) -> tuple[str, dict[str, Any]]:
     test_id = f"{case.classname}::{case.name}" if case.classname else case.name
-    name = f"ju-{slug(case.name or case.classname, 40, 'test')}-" + short_hash(
-        run_key, case.suite, case.classname, case.name, str(occurrence), length=12)
+    identity = (run_key, case.suite, case.classname, case.name, str(occurrence))
+    name = f"ju-{slug(case.name or case.classname, 40, 'test')}-" + short_hash(*identity, length=12)
     final = case.final or Attempt("failure", "", "", "")
     error = f"{final.type}: {final.message}" if final.type and final.message else (final.message or final.type)
     if final.text and final.text not in error:
@@ -261,7 +270,7 @@ def case_job(case: Case, run_key: str, occurrence: int, opts: UploadOptions) -> 
         annotations[ATTACHMENTS] = json.dumps(links[:100])[:65536]
     if opts.submitted_by:
         annotations[SUBMITTED_BY] = opts.submitted_by
-    return name, job_body(name, spec, labels, annotations)
+    return name, job_body(name, spec, labels, annotations, key=ingest_key("junit", *identity))
 
 
 def report_jobs(data: bytes, opts: UploadOptions) -> tuple[list[tuple[str, dict[str, Any], Case]], dict[str, int]]:

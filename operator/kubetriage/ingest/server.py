@@ -20,11 +20,18 @@ Boundary rules (the input is untrusted and often hostile):
   Content-Length before reading, and while reading chunked or compressed bodies).
 - A token bucket per token (and one shared by failed authentications) answers
   429 with ``Retry-After`` when exceeded. Buckets are per replica.
+- A declared Content-Type the route cannot parse is 415, naming the types it takes (JSON routes:
+  application/json, UTF-8; ``/v1/junit``: application/xml, text/xml, multipart/form-data). No Content-Type
+  at all is parsed as the route's format: the CLI, and many scripts, send none.
 - Malformed JSON/XML, non-UTF-8, JSON nested deeper than 32, DTDs/entities: 400.
+  A request aiohttp itself cannot parse (a header over 8190 bytes, broken framing) is answered 400 by aiohttp
+  and logged as one WARNING line, not an ERROR with a traceback per request.
   Wrong types, missing or oversized fields: 422 with ``field`` naming the
   input field. An unexpected exception is a 500 *and* a bug; bad input never is.
 - Kubernetes API trouble (unreachable, 5xx, RBAC) is 503 with ``Retry-After``:
   the sender retries, which is safe because every write is idempotent.
+- A job name already taken by a *different* input (see ``jobs.same_input``) is 409 naming both; it is never
+  answered ``exists``, which would drop the row silently.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,8 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 from pydantic import ValidationError
 
 from kubetriage.api.keys import SUBMITTED_BY
@@ -256,6 +265,60 @@ def parse_json(body: bytes) -> Any:
     return data
 
 
+@dataclass(frozen=True)
+class BodyTypes:
+    """The media types a route parses: exact ones, and a structured syntax suffix (``application/x+json``)."""
+
+    types: tuple[str, ...]
+    suffix: str
+    hint: str  # how to send it right, for the 415 message
+
+    def check(self, request: web.Request) -> None:
+        """415 for a declared type this route cannot parse; nothing declared is fine (parsed as this route's format)."""
+        declared = request.headers.get(hdrs.CONTENT_TYPE, "").strip()
+        if not declared:
+            return
+        media = request.content_type  # lowercased, without parameters
+        accepted = ", ".join(self.types)
+        if media in self.types or (media.startswith("application/") and media.endswith(self.suffix)):
+            charset = (request.charset or "utf-8").lower().replace("_", "-")
+            if self.suffix == "+json" and charset not in ("utf-8", "utf8"):
+                raise IngestError(415, f"Content-Type {declared[:100]!r}: JSON is read as UTF-8 only; send it as "
+                                       "UTF-8 with 'Content-Type: application/json' (or charset=utf-8)",
+                                  headers={"Accept": accepted})
+            return
+        raise IngestError(415, f"Content-Type {media[:100]!r} is not accepted by {request.path}: it takes "
+                               f"{accepted} (or no Content-Type); {self.hint}", headers={"Accept": accepted})
+
+
+JSON_BODY = BodyTypes(("application/json",), "+json",
+                      "with curl, add -H 'Content-Type: application/json' (-d alone sends a form type)")
+JUNIT_BODY = BodyTypes(("application/xml", "text/xml", "multipart/form-data"), "+xml",
+                       "with curl, add -H 'Content-Type: application/xml' to --data-binary, or use -F file=@report.xml")
+
+
+class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server log for ingest: one WARNING line for a request aiohttp cannot parse.
+
+    aiohttp answers such a request (a header line over 8190 bytes, a broken request line or framing) with 400
+    itself, before any handler runs, and logs an ERROR with a full traceback for each one: any client could fill
+    the operator's log that way, and it reads like a bug in kubetriage. It is the client's mistake, so it is
+    logged once, as a WARNING, without the offending bytes (an over-long Authorization header holds a token).
+    Every other aiohttp message passes through unchanged.
+    """
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if not isinstance(exc, HttpProcessingError):
+            self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+            return
+        text = str(exc.message or "").strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        reason = re.split(r":?\s*b['\"]", first, maxsplit=1)[0].strip()[:160]  # up to where it quotes the bytes
+        where = str(msg % args) if args else str(msg)  # aiohttp's "Error handling request from <address>"
+        log.warning("ingest: malformed HTTP request refused with %d (%s): %s", exc.code, where, reason)
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -378,9 +441,11 @@ class IngestServer:
             headers["Retry-After"] = str(RETRY_AFTER_API)
             body["error"] = next(r.detail for r in failed if r.retryable) + " (safe to retry: writes are idempotent)"
         elif failed:
-            status = 422
-            body["error"] = failed[0].detail
-            body["field"] = failed[0].blame
+            invalid = [r for r in failed if not r.conflict]
+            status = 422 if invalid else 409  # a name collision is not the client's bad field
+            body["error"] = (invalid or failed)[0].detail
+            if invalid:
+                body["field"] = invalid[0].blame
         else:
             status = 201 if counts.get("created") else 200
         body["status"] = status
@@ -395,6 +460,7 @@ class IngestServer:
 
     async def alertmanager(self, request: web.Request) -> web.Response:
         target = self._target(request)
+        JSON_BODY.check(request)
         payload = alertmanager.parse_payload(parse_json(await self._body(request)))
         built = []
         for i, alert in enumerate(payload.alerts):
@@ -418,6 +484,7 @@ class IngestServer:
 
     async def script_results(self, request: web.Request) -> web.Response:
         target = self._target(request)
+        JSON_BODY.check(request)
         data = parse_json(await self._body(request))
         items = data if isinstance(data, list) else [data]
         if isinstance(data, list) and not 1 <= len(data) <= MAX_SCRIPT_RESULTS:
@@ -458,6 +525,7 @@ class IngestServer:
             pool=target.pool,
             submitted_by=target.client.name,
         )
+        JUNIT_BODY.check(request)
         if request.content_type == "multipart/form-data":
             data = await self._upload(request)
         else:
@@ -501,7 +569,8 @@ async def start_ingest(settings: Settings, kube: Kube, host: str | None = None) 
     if settings.ingest_port == 0:
         return None
     server = IngestServer(settings, kube)
-    runner = web.AppRunner(server.app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    runner = web.AppRunner(server.app, access_log=None, handle_signals=False, shutdown_timeout=5,
+                           logger=ProtocolLog(server_logger, {}))
     await runner.setup()
     site = web.TCPSite(runner, host, settings.ingest_port, reuse_address=True)
     try:

@@ -1,9 +1,11 @@
 """The worker: claim jobs from Redis, run the analyzer chain, hand the verdict back.
 
 A worker has no Kubernetes credentials at all (its pods run with
-``automountServiceAccountToken: false``): Redis is its only peer. Each of its
-``concurrency`` slots loops claim -> analyse -> report, renewing the lease while
-it works. On SIGTERM it stops claiming, lets running analyses finish for
+``automountServiceAccountToken: false``): Redis is its only peer, besides the
+read-only monitoring APIs its pool names for evidence. Each of its
+``concurrency`` slots loops claim -> gather evidence -> analyse -> report,
+renewing the lease while it works; the report carries the verdict and the
+evidence it rests on (``WorkerResult``). On SIGTERM it stops claiming, lets running analyses finish for
 ``shutdown_grace_seconds``, then hands the rest back so another worker takes
 them at once rather than after a lease expiry.
 """
@@ -24,14 +26,17 @@ from pydantic import ValidationError
 from kubetriage.analyzers.base import Analyzer
 from kubetriage.analyzers.chain import run_offline_chain
 from kubetriage.analyzers.llm import LLMAnalyzer, LLMConfig, LLMError
-from kubetriage.analyzers.memory import MemoryAnalyzer, MemoryCase
+from kubetriage.analyzers.memory import MemoryAnalyzer, MemoryCase, prepare_cases
 from kubetriage.analyzers.rules import RulesAnalyzer
 from kubetriage.analyzers.vision import VisionAnalyzer, VisionConfig
-from kubetriage.api.contract import AnalysisContext, AnalysisRequest
-from kubetriage.api.models import Verdict
+from kubetriage.api.contract import AnalysisContext, AnalysisRequest, WorkerResult
+from kubetriage.api.evidence import Evidence
+from kubetriage.api.models import MAX_EVIDENCE, MAX_REASON, Verdict
+from kubetriage.api.redact import redactor
 from kubetriage.infra import metrics
 from kubetriage.infra.config import Settings
-from kubetriage.infra.queue import Claimed, Queue
+from kubetriage.infra.queue import MEMORY_MAX, Claimed, Queue
+from kubetriage.worker import evidence
 
 log = logging.getLogger("kubetriage.worker.runner")
 
@@ -49,10 +54,16 @@ class Worker:
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.rules = RulesAnalyzer()
         self.memory: MemoryAnalyzer | None = None
-        self._memory_version: tuple[int, bytes | None] | None = None
+        self._memory_version: int | None = None
+        self._memory_loaded = False
+        self._compaction: asyncio.Task[tuple[MemoryAnalyzer | None, int | None]] | None = None
         self.llm: LLMAnalyzer | None = None
         self.vision: VisionAnalyzer | None = None
+        self.evidence = evidence.from_settings(settings)
+        # secrets in the job's text: redacted before any analyzer (and its LLM) sees it, and in what it reports
+        self.redact = redactor(settings.redact_pattern_list)
         llm = dict(base_url=settings.llm_base_url, api_key=settings.llm_api_key,
+                   allow_http=settings.llm_allow_http, allow_private_endpoints=settings.llm_allow_private_endpoints,
                    timeout_seconds=settings.llm_timeout_seconds, max_retries=settings.llm_max_retries,
                    price_per_1k_prompt=settings.llm_price_per_1k_prompt,
                    price_per_1k_completion=settings.llm_price_per_1k_completion)
@@ -69,40 +80,88 @@ class Worker:
         return [self.memory, self.rules] if self.memory else [self.rules]
 
     async def refresh_memory(self) -> None:
-        """Rebuild the memory analyzer when the operator published new human verdicts (Redis, not a database)."""
+        """Learn the human verdicts the operator published since the last refresh (from Redis: no database).
+
+        The operator's version counter says how many cases are new; they are
+        added to the index (only their own features are counted, see
+        ``MemoryAnalyzer.add``), so a verdict is learned in milliseconds
+        whatever the memory's size. The index is built from the whole list
+        only when there is none yet, or Redis lost its data or trimmed cases
+        this worker never saw; and, in the background while the current index
+        keeps serving and learning, once it holds a quarter more cases than
+        Redis keeps, to let go of those Redis trimmed.
+        """
+        if self._compaction is not None and self._compaction.done():
+            compaction, self._compaction = self._compaction, None
+            # the rebuilt index knows the list up to its version; what came after is fetched just below
+            self.memory, self._memory_version = compaction.result()
+            log.info("memory analyzer: rebuilt from the newest %d case(s)", self.memory.cases if self.memory else 0)
         version = await self.queue.memory_version()
-        if version == self._memory_version:
+        # the first refresh always reads the list: one written before versions existed has none yet
+        if self._memory_loaded and version == self._memory_version:
             return
-        cases = []
-        for raw in await self.queue.memory_cases():
-            try:
-                cases.append(MemoryCase.model_validate_json(raw))
-            except ValueError:
-                continue  # one bad entry must not cost the whole memory
+        delta = await self.queue.memory_since(self._memory_version if self._memory_loaded else None)
+        cases = _memory_cases(delta.cases)
         threshold = self.s.memory_min_similarity
-        self.memory = await asyncio.to_thread(MemoryAnalyzer, cases, min_similarity=threshold) if cases else None
-        self._memory_version = version
-        log.info("memory analyzer: %d human verdict case(s)", len(cases))
+        if delta.complete or self.memory is None:
+            if self._compaction is not None:  # built from a list that no longer is: never install it
+                self._compaction.cancel()
+                self._compaction = None
+            self.memory = await asyncio.to_thread(MemoryAnalyzer, cases, min_similarity=threshold) if cases else None
+            log.info("memory analyzer: %d human verdict case(s)", len(cases))
+        elif cases:
+            prepared = await asyncio.to_thread(prepare_cases, cases)  # the costly part, touching nothing shared
+            # here, on the event loop, never while an analysis reads the index
+            self.memory.add(cases, prepared)
+            log.info("memory analyzer: learned %d human verdict case(s), %d in all", len(cases), self.memory.cases)
+            if self.memory.cases + self.memory.skipped > MEMORY_MAX + MEMORY_MAX // 4 and self._compaction is None:
+                self._compaction = asyncio.create_task(self._rebuild_memory())
+        self._memory_version = delta.version
+        self._memory_loaded = True
+
+    async def _rebuild_memory(self) -> tuple[MemoryAnalyzer | None, int | None]:
+        """A new index from the list as Redis keeps it now, and the version it reflects."""
+        delta = await self.queue.memory_since(None)
+        cases = _memory_cases(delta.cases)
+        threshold = self.s.memory_min_similarity
+        built = await asyncio.to_thread(MemoryAnalyzer, cases, min_similarity=threshold) if cases else None
+        return built, delta.version
 
     async def _memory_loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                await self.refresh_memory()
-            except Exception as exc:  # the memory is an optimisation; never let it stop the worker
-                log.warning("refreshing the memory analyzer failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), 5)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await self.refresh_memory()
+                except Exception as exc:  # the memory is an optimisation; never let it stop the worker
+                    log.warning("refreshing the memory analyzer failed: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 5)
+        finally:
+            if self._compaction is not None:
+                self._compaction.cancel()
 
-    def context(self, request: AnalysisRequest) -> AnalysisContext:
-        """What the analyzers may consult besides the request: the pool's settings and the evidence."""
+    def context(self, request: AnalysisRequest, gathered: list[Evidence] | None = None) -> AnalysisContext:
+        """What the analyzers may consult besides the request: the pool's settings and the evidence (the
+        history the operator put in the request, then what this worker's gatherers found)."""
         extra = {"identity_labels": self.s.identity_label_list} if self.s.identity_label_list else {}
         return AnalysisContext(confidence_threshold=self.s.confidence_threshold,
-                               script_history=request.script_history, evidence=list(request.evidence), **extra)
+                               script_history=request.script_history,
+                               evidence=[*request.evidence, *(gathered or [])], **extra)
 
-    async def analyse(self, job: Claimed) -> Verdict:
-        """Offline analyzers first, then the LLM; on the last attempt a dead LLM falls back to offline."""
-        request = AnalysisRequest.model_validate({**job.payload, "attempt": job.attempt})
-        context = self.context(request)
+    async def analyse(self, job: Claimed) -> WorkerResult:
+        """Evidence first, then the offline analyzers, then the LLM; on the last attempt a dead LLM falls back
+        to offline. The result carries the evidence as users will see it, next to the verdict."""
+        # the operator redacted the payload already; again here for a payload queued by an older operator
+        request = self.redact.request(AnalysisRequest.model_validate({**job.payload, "attempt": job.attempt}))
+        gathered = await self.evidence.gather(request)
+        verdict = await self._verdict(job, request, gathered)
+        found = [*request.evidence, *gathered]
+        # a model may quote what it read in a screenshot or a report page, which no one redacted before
+        return WorkerResult(verdict=self.redact.verdict(unavailable_note(verdict, found)),
+                            evidence=self.redact.evidence([e.item() for e in found][:MAX_EVIDENCE]))
+
+    async def _verdict(self, job: Claimed, request: AnalysisRequest, gathered: list[Evidence]) -> Verdict:
+        context = self.context(request, gathered)
         if self.s.analyzer_chain != "auto" and request.analyzer == "auto":
             request = request.model_copy(update={"analyzer": self.s.analyzer_chain})
         passing = request.script_result is not None and request.script_result.success
@@ -116,7 +175,7 @@ class Worker:
             metrics.LLM_REQUESTS.labels(self.s.llm_model, "error").inc()
             if request.analyzer != "auto" or job.attempt < job.max_attempts:
                 raise  # retried with backoff; an explicitly requested LLM never silently becomes rules
-            verdict = await run_offline_chain(request, self.context(request), self.offline)
+            verdict = await run_offline_chain(request, self.context(request, gathered), self.offline)
             note = f" [LLM unavailable after {job.attempt} attempt(s): {exc}]"
             return verdict.model_copy(update={"reason": (verdict.reason + note)[:4096]})
         if verdict.model and verdict.analyzer in ("llm", "vision"):
@@ -147,7 +206,7 @@ class Worker:
         pool = self.s.pool
         backoff = int(self.s.retry_backoff_seconds * 1000), int(self.s.retry_backoff_max_seconds * 1000)
         try:
-            verdict = await asyncio.wait_for(self.analyse(job), timeout=deadline)
+            result = await asyncio.wait_for(self.analyse(job), timeout=deadline)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -163,12 +222,13 @@ class Worker:
             return
         except Exception as exc:  # an analyzer failure is an attempt failure, never a dead worker
             log.warning("analysis of %s failed (attempt %d/%d): %s", job.uid, job.attempt, job.max_attempts, exc)
-            if await self.queue.fail_attempt(job.uid, self.id, f"{type(exc).__name__}: {exc}", *backoff) == 1:
+            why = self.redact(f"{type(exc).__name__}: {exc}")  # it may quote the job's text
+            if await self.queue.fail_attempt(job.uid, self.id, why, *backoff) == 1:
                 metrics.RETRIES.labels(pool, type(exc).__name__).inc()
             metrics.WORKER_JOBS.labels(pool, "error").inc()
             return
-        metrics.ANALYSIS_SECONDS.labels(pool, verdict.analyzer).observe(time.monotonic() - t0)
-        await self.queue.report(job.uid, self.id, verdict.model_dump_json(by_alias=True, exclude_none=True))
+        metrics.ANALYSIS_SECONDS.labels(pool, result.verdict.analyzer).observe(time.monotonic() - t0)
+        await self.queue.report(job.uid, self.id, result.model_dump_json(by_alias=True, exclude_none=True))
         metrics.WORKER_JOBS.labels(pool, "verdict").inc()
 
     async def _slot(self, n: int) -> None:
@@ -227,7 +287,29 @@ class Worker:
         for analyzer in (self.llm, self.vision):
             if analyzer is not None:
                 await analyzer.aclose()
+        await self.evidence.aclose()
         await self.redis.aclose()
+
+
+def unavailable_note(verdict: Verdict, found: list[Evidence]) -> Verdict:
+    """The verdict, saying which evidence it had to do without (the safety policy says so only for some
+    verdicts); it is no more confident for it, since evidence that failed adds no finding."""
+    failed = [e for e in found if e.error]
+    if not failed or "evidence unavailable" in verdict.reason:
+        return verdict
+    note = " [evidence unavailable: " + "; ".join(f"{e.source}: {e.error}" for e in failed) + "]"
+    return verdict.model_copy(update={"reason": (verdict.reason + note)[:MAX_REASON]})
+
+
+def _memory_cases(raw: list[bytes]) -> list[MemoryCase]:
+    """The cases of the Redis memory list (oldest first there), newest first as MemoryAnalyzer takes them."""
+    cases = []
+    for entry in reversed(raw):
+        try:
+            cases.append(MemoryCase.model_validate_json(entry))
+        except ValueError:
+            continue  # one bad entry must not cost the whole memory
+    return cases
 
 
 def main(settings: Settings) -> None:

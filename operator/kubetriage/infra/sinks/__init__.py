@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
+import json
 import logging
 import sqlite3
 import urllib.parse
@@ -45,7 +47,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, Field, field_validator
 
-from kubetriage.api.models import MAX_REASON, CheckType, Classification, SourceType, Verdict
+from kubetriage.api.models import MAX_REASON, CheckType, Classification, EvidenceItem, SourceType, Verdict
 from kubetriage.api.summary import MAX_SUMMARY_BYTES, clean_text
 
 log = logging.getLogger("kubetriage.infra.sinks")
@@ -74,7 +76,10 @@ _AUDIT_COLUMNS: tuple[str, ...] = (
     "job_uid", "job_name", "namespace", "source_type", "source_id", "fingerprint", "check_type",
     "classification", "discard", "reason", "confidence", "analyzer", "model", "prompt_tokens",
     "completion_tokens", "cost_usd", "pool", "priority_class", "attempts", "summary", "recorded_at",
+    "identity", "evidence",
 )  # fmt: skip
+# Columns added after the first release: setup adds them to an older audit table (both engines).
+_LATER_AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (("identity", "TEXT"), ("evidence", "TEXT"))
 # What a later human verdict replaces; the job's identity columns stay as first recorded.
 _VERDICT_COLUMNS: tuple[str, ...] = (
     "classification", "discard", "reason", "confidence", "analyzer", "model", "prompt_tokens",
@@ -85,6 +90,11 @@ _HUMAN_COLUMNS: tuple[str, ...] = (
     "discard", "reason", "confidence", "summary", "recorded_at",
 )  # fmt: skip
 _TIME_COLUMNS: tuple[str, ...] = ("finished_at", "created_at")  # preference order for script_history
+# Optional columns of the team's script_results table that script_runs reads when they exist.
+_COMMIT_COLUMNS: tuple[str, ...] = ("commit_sha", "commit")
+_BRANCH_COLUMNS: tuple[str, ...] = ("branch",)
+MAX_HISTORY_ROWS = 200  # per script_runs question: enough for a rate, bounded for the admission path
+MAX_EVIDENCE_BYTES = 16384
 
 
 class SinkError(Exception):
@@ -107,7 +117,8 @@ class VerdictRecord(BaseModel):
     """One verdict for one TriageJob, as it goes to the database.
 
     ``verdict.check_type`` says who decided (``ai`` or ``user``); together with
-    ``job_uid`` it is the idempotency key.
+    ``job_uid`` it is the idempotency key. ``identity`` is the target's history
+    key (``AnalysisRequest.identity``), ``evidence`` what the verdict rested on.
     """
 
     job_uid: str = Field(min_length=1)
@@ -122,6 +133,8 @@ class VerdictRecord(BaseModel):
     attempts: int = Field(0, ge=0)
     summary: str | None = None
     recorded_at: dt.datetime = Field(default_factory=_now)
+    identity: str | None = None
+    evidence: list[EvidenceItem] = Field(default_factory=list)
 
     @field_validator("recorded_at")
     @classmethod
@@ -158,7 +171,23 @@ def _audit_params(rec: VerdictRecord) -> dict[str, Any]:
         "attempts": int(rec.attempts),
         "summary": clean_text(rec.summary, max_bytes=MAX_SUMMARY_BYTES),
         "recorded_at": _utc(rec.recorded_at),
+        "identity": clean_text(rec.identity, MAX_SHORT_TEXT),
+        "evidence": _evidence_json(rec.evidence),
     }
+
+
+def _evidence_json(items: Sequence[EvidenceItem]) -> str | None:
+    """The evidence as a JSON list of {source, summary, value}; None when there was none.
+
+    Items are dropped from the end rather than the JSON cut, so the column always parses.
+    """
+    out = [item.wire() for item in items]
+    while out:
+        text = clean_text(json.dumps(out, ensure_ascii=False))
+        if text is not None and len(text.encode()) <= MAX_EVIDENCE_BYTES:
+            return text
+        out.pop()
+    return None
 
 
 def _as_bool(value: Any) -> bool | None:
@@ -191,6 +220,39 @@ def _as_time(value: Any) -> dt.datetime | None:
     return None
 
 
+# --------------------------------------------------------------------------- history answers
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertCounts:
+    """One alert identity in the audit table: analysed since a time, and how humans judged it (ever)."""
+
+    fired: int
+    human_false_positive: int
+    human_valid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCounts:
+    """One script in the team's script_results: runs at one commit, and recent runs on the default branch."""
+
+    same_commit_runs: int
+    same_commit_passes: int
+    default_branch_runs: int
+    default_branch_failures: int
+
+
+def _human_counts(rows: Sequence[Any]) -> tuple[int, int]:
+    counts = {str(c): int(n) for c, n in rows}
+    return counts.get(Classification.FALSE_POSITIVE.value, 0), counts.get(Classification.VALID.value, 0)
+
+
+def _run_counts(same: Sequence[Any], branch: Sequence[Any]) -> RunCounts:
+    same_ok = [b for s in same if (b := _as_bool(s)) is not None]
+    branch_ok = [b for s in branch if (b := _as_bool(s)) is not None]
+    return RunCounts(len(same_ok), sum(same_ok), len(branch_ok), sum(not b for b in branch_ok))
+
+
 # --------------------------------------------------------------------------- protocol
 
 
@@ -214,6 +276,12 @@ class Sink(Protocol):
     ) -> list[tuple[bool, dt.datetime | None]]: ...
 
     async def human_verdicts(self, limit: int = 5000) -> list[dict[str, Any]]: ...
+
+    async def alert_history(self, identity: str, since: dt.datetime) -> AlertCounts: ...
+
+    async def script_runs(
+        self, script_name: str, commit: str | None, default_branches: Sequence[str], *, exclude_id: str | None = None
+    ) -> RunCounts | None: ...
 
 
 def open_sink(url: str) -> Sink:
@@ -281,6 +349,8 @@ CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
     attempts INTEGER NOT NULL DEFAULT 0,
     summary TEXT,
     recorded_at TEXT NOT NULL,
+    identity TEXT,
+    evidence TEXT,
     UNIQUE (job_uid, check_type)
 )"""
 
@@ -289,6 +359,8 @@ CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
 _AUDIT_INDEXES: tuple[str, ...] = (
     f"CREATE INDEX IF NOT EXISTS {AUDIT_TABLE}_check_type_idx ON {AUDIT_TABLE} (check_type, recorded_at)",
     f"CREATE INDEX IF NOT EXISTS {AUDIT_TABLE}_source_idx ON {AUDIT_TABLE} (source_type, source_id)",
+    # alert_history: one identity's verdicts by time; its human verdicts are joined on job_uid (UNIQUE index)
+    f"CREATE INDEX IF NOT EXISTS {AUDIT_TABLE}_identity_idx ON {AUDIT_TABLE} (identity, recorded_at)",
 )
 
 
@@ -380,6 +452,11 @@ class SqliteSink:
         def body(conn: sqlite3.Connection) -> None:
             def tx() -> None:
                 conn.execute(_SQLITE_AUDIT_DDL)
+                have = self._columns(conn, AUDIT_TABLE)
+                for column, ddl_type in _LATER_AUDIT_COLUMNS:  # an audit table from an older release
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN {column} {ddl_type}")
+                        log.info("%s: added column %s.%s", self.name, AUDIT_TABLE, column)
                 for ddl in _AUDIT_INDEXES:
                     conn.execute(ddl)
                 for table in USER_TABLES.values():
@@ -482,6 +559,56 @@ class SqliteSink:
 
         return await self._run("reading human verdicts", body)
 
+    async def alert_history(self, identity: str, since: dt.datetime) -> AlertCounts:
+        key = clean_text(identity, MAX_SHORT_TEXT)
+
+        def body(conn: sqlite3.Connection) -> AlertCounts:
+            fired = conn.execute(
+                f"SELECT COUNT(*) FROM {AUDIT_TABLE} WHERE identity = ? AND check_type = ? AND recorded_at >= ?",
+                (key, CheckType.AI.value, _sqlite_time(since)),
+            ).fetchone()[0]
+            humans = conn.execute(
+                f"SELECT classification, COUNT(*) FROM {AUDIT_TABLE} WHERE check_type = ? AND job_uid IN "
+                f"(SELECT job_uid FROM {AUDIT_TABLE} WHERE identity = ?) GROUP BY classification",
+                (CheckType.USER.value, key),
+            ).fetchall()
+            return AlertCounts(int(fired), *_human_counts(humans))
+
+        return await self._run("reading alert history", body)
+
+    async def script_runs(
+        self, script_name: str, commit: str | None, default_branches: Sequence[str], *, exclude_id: str | None = None
+    ) -> RunCounts | None:
+        def body(conn: sqlite3.Connection) -> RunCounts | None:
+            have = self._columns(conn, "script_results")
+            commit_col = next((c for c in _COMMIT_COLUMNS if c in have), None)
+            branch_col = next((c for c in _BRANCH_COLUMNS if c in have), None)
+            if not {"script_name", "success"} <= have or (commit_col is None and branch_col is None):
+                return None  # the team's table does not say which commit or branch a run was on
+            base = "script_name = ? AND success IS NOT NULL"
+            args: list[Any] = [clean_text(script_name, MAX_SHORT_TEXT)]
+            if exclude_id is not None and "id" in have:
+                base += " AND CAST(id AS TEXT) <> ?"
+                args.append(clean_text(exclude_id, MAX_SHORT_TEXT))
+            time_col = next((c for c in _TIME_COLUMNS if c in have), None)
+            order = f" ORDER BY {time_col} DESC" if time_col else ""
+            # column names come from the constants above, never from input; quoted because commit is a keyword
+            same: list[Any] = []
+            if commit_col and commit:
+                same = [r[0] for r in conn.execute(
+                    f'SELECT success FROM script_results WHERE {base} AND "{commit_col}" = ?{order} LIMIT ?',
+                    (*args, clean_text(commit, MAX_SHORT_TEXT), MAX_HISTORY_ROWS))]
+            branch: list[Any] = []
+            branches = [clean_text(b, MAX_SHORT_TEXT) for b in default_branches]
+            if branch_col and branches:
+                marks = ", ".join("?" for _ in branches)
+                branch = [r[0] for r in conn.execute(
+                    f'SELECT success FROM script_results WHERE {base} AND "{branch_col}" IN ({marks}){order} LIMIT ?',
+                    (*args, *branches, MAX_HISTORY_ROWS))]
+            return _run_counts(same, branch)
+
+        return await self._run(f"runs of script {script_name!r}", body)
+
 
 def _is_user(params: dict[str, Any]) -> bool:
     return bool(params["check_type"] == CheckType.USER.value)
@@ -541,6 +668,8 @@ CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
     attempts INTEGER NOT NULL DEFAULT 0,
     summary TEXT,
     recorded_at TIMESTAMPTZ NOT NULL,
+    identity TEXT,
+    evidence TEXT,
     UNIQUE (job_uid, check_type)
 )"""
 
@@ -644,6 +773,12 @@ class PostgresSink:
                 # Two replicas starting together would otherwise race on CREATE TABLE IF NOT EXISTS.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("kubetriage.sinks.setup",))
                 await conn.execute(_PG_AUDIT_DDL)
+                have = await self._columns(conn, AUDIT_TABLE)
+                for column, ddl_type in _LATER_AUDIT_COLUMNS:  # an audit table from an older release
+                    if column not in have:
+                        await conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                            sql.Identifier(AUDIT_TABLE), sql.Identifier(column), sql.SQL(ddl_type)))
+                        log.info("%s: added column %s.%s", self.name, AUDIT_TABLE, column)
                 for ddl in _AUDIT_INDEXES:
                     await conn.execute(ddl)
                 for table in USER_TABLES.values():
@@ -737,3 +872,57 @@ class PostgresSink:
 
         return await self._run("reading human verdicts", body)
 
+    async def alert_history(self, identity: str, since: dt.datetime) -> AlertCounts:
+        key = clean_text(identity, MAX_SHORT_TEXT)
+
+        async def body(conn: AConn) -> AlertCounts:
+            cur = await conn.execute(
+                f"SELECT COUNT(*) FROM {AUDIT_TABLE} WHERE identity = %s AND check_type = %s AND recorded_at >= %s",
+                (key, CheckType.AI.value, _utc(since)),
+            )
+            fired = (await cur.fetchone() or (0,))[0]
+            cur = await conn.execute(
+                f"SELECT classification, COUNT(*) FROM {AUDIT_TABLE} WHERE check_type = %s AND job_uid IN "
+                f"(SELECT job_uid FROM {AUDIT_TABLE} WHERE identity = %s) GROUP BY classification",
+                (CheckType.USER.value, key),
+            )
+            return AlertCounts(int(fired), *_human_counts(await cur.fetchall()))
+
+        return await self._run("reading alert history", body)
+
+    async def script_runs(
+        self, script_name: str, commit: str | None, default_branches: Sequence[str], *, exclude_id: str | None = None
+    ) -> RunCounts | None:
+        async def body(conn: AConn) -> RunCounts | None:
+            have = await self._columns(conn, "script_results")
+            commit_col = next((c for c in _COMMIT_COLUMNS if c in have), None)
+            branch_col = next((c for c in _BRANCH_COLUMNS if c in have), None)
+            if not {"script_name", "success"} <= have or (commit_col is None and branch_col is None):
+                return None  # the team's table does not say which commit or branch a run was on
+            base: sql.Composable = sql.SQL("script_name = %s AND success IS NOT NULL")
+            args: list[Any] = [clean_text(script_name, MAX_SHORT_TEXT)]
+            if exclude_id is not None and "id" in have:
+                base += sql.SQL(" AND CAST(id AS TEXT) <> %s")
+                args.append(clean_text(exclude_id, MAX_SHORT_TEXT))
+            time_col = next((c for c in _TIME_COLUMNS if c in have), None)
+            order: sql.Composable = sql.SQL("")
+            if time_col:
+                order = sql.SQL(" ORDER BY {} DESC NULLS LAST").format(sql.Identifier(time_col))
+
+            async def successes(where: sql.Composable, extra: Sequence[Any]) -> list[Any]:
+                query = sql.SQL("SELECT success FROM script_results WHERE {} AND {}{} LIMIT %s").format(
+                    base, where, order)
+                cur = await conn.execute(query, (*args, *extra, MAX_HISTORY_ROWS))
+                return [row[0] for row in await cur.fetchall()]
+
+            same: list[Any] = []
+            if commit_col and commit:
+                same = await successes(sql.SQL("{} = %s").format(sql.Identifier(commit_col)),
+                                       [clean_text(commit, MAX_SHORT_TEXT)])
+            branch: list[Any] = []
+            branches = [clean_text(b, MAX_SHORT_TEXT) for b in default_branches]
+            if branch_col and branches:
+                branch = await successes(sql.SQL("{} = ANY(%s)").format(sql.Identifier(branch_col)), [branches])
+            return _run_counts(same, branch)
+
+        return await self._run(f"runs of script {script_name!r}", body)
