@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml FORCE
 
 FORCE:
 
-deps: $(STAMP) system-deps control-plane helm node-deps
+deps: $(STAMP) system-deps control-plane helm
 
 # `make demo` needs less than `make test`: no helm, Prometheus, Alertmanager or PostgreSQL.
 demo-deps: $(STAMP) control-plane
@@ -46,7 +46,7 @@ helm:
 	@echo "[deps] helm (built from its pinned Go module, cached after the first build)"
 	@bash hack/helm.sh >/dev/null
 
-.PHONY: node-deps cluster cluster-down
+.PHONY: node-deps cluster cluster-down test-node
 # The real node of tests/test_node_e2e.py: Debian's containerd/runc/CNI/buildah, and kubelet,
 # kube-controller-manager, kube-scheduler, kube-proxy, CoreDNS built once from pinned modules.
 # Only as root: elsewhere the end-to-end tests skip (and say why).
@@ -64,6 +64,11 @@ lint: $(STAMP)
 test: deps lint
 	@echo "[test] pytest against real kube-apiserver/etcd, Redis, PostgreSQL, SQLite"
 	@$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The chart on a real single-node cluster (root): not yet part of `make test`, see tests/test_node_e2e.py.
+test-node: deps node-deps
+	@echo "[test] end-to-end on a real node: image, helm install, real pods"
+	@KUBETRIAGE_NODE_E2E=1 KUBETRIAGE_REQUIRE_NODE=1 $(PYTHON) -m pytest tests/test_node_e2e.py $(PYTEST_ARGS)
 
 demo: demo-deps
 	@$(PYTHON) -m devharness.demo

@@ -294,6 +294,9 @@ class Node:
     _keeper: subprocess.Popen[bytes] | None = None
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    host_before: dict[str, object] = field(default_factory=dict)
+    host_after: dict[str, object] = field(default_factory=dict)
+    running: bool = False
 
     # ------------------------------------------------------------------ paths
 
@@ -449,6 +452,9 @@ class Node:
             found = collisions()
             if found:
                 raise NodeUnavailable("the node's address ranges collide with ones in use here: " + "; ".join(found))
+            # the host as this node finds it, under the lock (another session's node is gone by now): what
+            # the teardown must restore
+            self.host_before = host_snapshot(self.state)
             self.images = images or images_mod.ensure_images()
             self._mark("preflight", t0)
             self._start_all(cp_bin, node_bin, t0)
@@ -457,6 +463,7 @@ class Node:
             self._stop_keeper()
             self._release_lock()
             raise
+        self.running = True
         log(f"node {NODE_NAME} Ready at {self.server} in {time.monotonic() - t0:.1f}s "
             f"(kubeconfig {self.kubeconfig}); " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         if detach:
@@ -927,8 +934,18 @@ subjects:
 
     def down(self) -> None:
         """Stop the node this process started (or a detached one) and remove every trace of it."""
+        if self._lock_fd is not None:
+            # our own node: tear down and look at the host before another session may take the lock
+            try:
+                self._stop_keeper()
+                self.teardown()
+                self.host_after = host_snapshot(self.state)
+            finally:
+                self.running = False
+                self._release_lock()
+            return
         info = self._keeper_info()
-        if self._keeper is None and info.get("detached") and _alive(int(str(info.get("pid", 0)) or 0)):
+        if info.get("detached") and _alive(int(str(info.get("pid") or 0))):
             # `make cluster-down`: the keeper owns the node; it tears down on SIGTERM and releases the lock.
             pid = int(str(info["pid"]))
             with contextlib.suppress(ProcessLookupError):
@@ -936,10 +953,16 @@ subjects:
             deadline = time.monotonic() + 120
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        if self._lock_fd is None:
-            self._acquire_lock()
+        # Leftovers of a crashed run, unless a live session owns the node (then it is theirs to stop).
+        timeout, self.lock_timeout = self.lock_timeout, 5.0
         try:
-            self._stop_keeper()
+            self._acquire_lock()
+        except NodeError:
+            log("the node is in use by another session; leaving it alone")
+            return
+        finally:
+            self.lock_timeout = timeout
+        try:
             self.teardown()
         finally:
             self._release_lock()
@@ -1016,6 +1039,11 @@ subjects:
                     run(["ip", "netns", "delete", name], check=False)
             _remove_cgroups()
             if os.path.exists(f"/sys/class/net/{BRIDGE}"):
+                # A pod's network namespace can outlive its processes for minutes (orphaned TCP sockets still
+                # retransmitting hold it), and with it the veth pair: delete the bridge's ports explicitly.
+                for line in run(["ip", "-o", "link", "show", "master", BRIDGE], check=False).stdout.splitlines():
+                    port = line.split(":")[1].strip().split("@")[0]
+                    run(["ip", "link", "delete", port], check=False)
                 run(["ip", "link", "delete", BRIDGE], check=False)
             if not journal.get("lo_address", False):
                 run(["ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo"], check=False)

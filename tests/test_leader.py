@@ -50,7 +50,8 @@ async def one_job_per_pool(p: Pipeline, tag: str) -> None:
     names = [f"{tag}-{pool}" for pool in POOLS]
     await asyncio.gather(*(p.job(n, script_spec(f"script-{n}", spec={"pool": pool}))
                            for n, pool in zip(names, POOLS, strict=True)))
-    jobs = await p.wait_terminal(names, timeout=90)
+    # generous: under a full suite on 2 cores a standby's takeover and the drain can take minutes
+    jobs = await p.wait_terminal(names, timeout=240)
     assert {j["status"]["phase"] for j in jobs.values()} == {"Succeeded"}, {n: j["status"] for n, j in jobs.items()}
     assert {jobs[n]["status"]["pool"] for n in names} == {f"{p.ns}/{pool}" for pool in POOLS}
 
