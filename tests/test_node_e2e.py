@@ -59,7 +59,7 @@ NS = "kt-e2e"
 NS_UPGRADE = "kt-upgrade"
 TOKEN = "e2e-" + uuid.uuid4().hex
 REQUIRED = os.environ.get("KUBETRIAGE_REQUIRE_NODE") == "1"
-# Opt-in for now (`make test-node`): in this state the uninstall and host-restore tests still fail (see the
+# Opt-in for now (`make test-node`): in this state the two uninstall tests still fail (see the
 # pools' finalizer note in README), and a red `make test` would block everything else from landing.
 if os.environ.get("KUBETRIAGE_NODE_E2E") != "1":
     pytest.skip("real-node end-to-end tests are opt-in: run `make test-node` (needs root)", allow_module_level=True)
