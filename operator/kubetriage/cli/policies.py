@@ -16,31 +16,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetriage.api import policy as pol
-from kubetriage.api.contract import AnalysisRequest, TeamRule
-from kubetriage.api.models import FINISHED_PHASES, TriageJobSpec, TriagePolicySpec, TriageRuleSpec, Verdict
-from kubetriage.api.regex import regex_problem
+from kubetriage.api.contract import TeamRule
+from kubetriage.api.models import FINISHED_PHASES, TriagePolicySpec, TriageRuleSpec, Verdict
 from kubetriage.api.timeutil import parse_time
-from kubetriage.cli.common import EXIT_OK, EXIT_USAGE, CliError, api_error, kube_client, list_all, load_file
+from kubetriage.cli.common import EXIT_OK, api_error, kube_client, list_all, load_file
 from kubetriage.cli.output import emit, one_line, table
+from kubetriage.cli.rules import parse_manifest, request_of
 
 
 def parse_policy(doc: Any, path: str) -> tuple[str, str | None, TriagePolicySpec]:
-    """(name, namespace, spec) from a TriagePolicy manifest; a usage error naming the field otherwise."""
-    if not isinstance(doc, dict) or doc.get("kind") != "TriagePolicy":
-        raise CliError(f"{path}: expected a TriagePolicy manifest (kind: TriagePolicy)", EXIT_USAGE)
-    meta = doc.get("metadata") or {}
-    name = str(meta.get("name") or "")
-    if not name:
-        raise CliError(f"{path}: metadata.name is required", EXIT_USAGE)
-    try:
-        spec = TriagePolicySpec.model_validate(doc.get("spec") or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CliError(f"{path}: spec.{where}: {first['msg']}", EXIT_USAGE) from None
-    if spec.match.error_regex is not None and (problem := regex_problem(spec.match.error_regex)):
-        raise CliError(f"{path}: spec.match.{problem}", EXIT_USAGE)
-    return name, meta.get("namespace"), spec
+    """(name, namespace, spec) from a TriagePolicy manifest."""
+    return parse_manifest(doc, path, "TriagePolicy", TriagePolicySpec)
 
 
 def replay(policy: pol.Policy, jobs: list[dict[str, Any]], rules: list[TeamRule]) -> list[dict[str, Any]]:
@@ -51,13 +37,13 @@ def replay(policy: pol.Policy, jobs: list[dict[str, Any]], rules: list[TeamRule]
         meta, status = job["metadata"], job.get("status") or {}
         if status.get("phase") not in FINISHED_PHASES or not status.get("verdict"):
             continue  # duplicates are covered by their primary's actions
+        request = request_of(job)
         try:
-            spec = TriageJobSpec.model_validate(job.get("spec") or {})
             verdict = Verdict.model_validate(status["verdict"])
         except ValidationError:
             continue
-        request = AnalysisRequest(uid=meta.get("uid", ""), name=meta["name"], namespace=policy.namespace,
-                                  source=spec.source, alert=spec.alert, script_result=spec.script_result)
+        if request is None:
+            continue
         when = parse_time(status.get("completedAt")) or dt.datetime.now(dt.UTC)
         for entry in pol.plan([enforced], request, verdict, uid=request.uid, now=when, rules=rules):
             would = entry.result == "Pending"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kubetriage.analyzers.team_rules import Replayed, regex_problem, replay
 from kubetriage.api.contract import AnalysisRequest, TeamRule
@@ -20,24 +20,33 @@ from kubetriage.api.timeutil import parse_time
 from kubetriage.cli.common import EXIT_OK, EXIT_USAGE, CliError, api_error, kube_client, list_all, load_file
 from kubetriage.cli.output import emit, one_line, table
 
+M = TypeVar("M", bound=BaseModel)
 
-def parse_rule(doc: Any, path: str) -> tuple[str, str | None, TeamRule]:
-    """(name, namespace, rule) from a TriageRule manifest; a usage error naming the field otherwise."""
-    if not isinstance(doc, dict) or doc.get("kind") != "TriageRule":
-        raise CliError(f"{path}: expected a TriageRule manifest (kind: TriageRule)", EXIT_USAGE)
+
+def parse_manifest(doc: Any, path: str, kind: str, model: type[M]) -> tuple[str, str | None, M]:
+    """(name, namespace, spec) from a TriageRule or TriagePolicy manifest; a usage error naming the field."""
+    if not isinstance(doc, dict) or doc.get("kind") != kind:
+        raise CliError(f"{path}: expected a {kind} manifest (kind: {kind})", EXIT_USAGE)
     meta = doc.get("metadata") or {}
     name = str(meta.get("name") or "")
     if not name:
         raise CliError(f"{path}: metadata.name is required", EXIT_USAGE)
     try:
-        spec = TriageRuleSpec.model_validate(doc.get("spec") or {})
+        spec = model.model_validate(doc.get("spec") or {})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise CliError(f"{path}: spec.{where}: {first['msg']}", EXIT_USAGE) from None
-    if spec.match.error_regex is not None and (problem := regex_problem(spec.match.error_regex)):
+    regex = spec.match.error_regex  # type: ignore[attr-defined]  # both kinds select with a RuleMatch
+    if regex is not None and (problem := regex_problem(regex)):
         raise CliError(f"{path}: spec.match.{problem}", EXIT_USAGE)
-    return name, meta.get("namespace"), TeamRule(name=name, spec=spec)
+    return name, meta.get("namespace"), spec
+
+
+def parse_rule(doc: Any, path: str) -> tuple[str, str | None, TeamRule]:
+    """(name, namespace, rule) from a TriageRule manifest."""
+    name, namespace, spec = parse_manifest(doc, path, "TriageRule", TriageRuleSpec)
+    return name, namespace, TeamRule(name=name, spec=spec)
 
 
 def request_of(job: dict[str, Any]) -> AnalysisRequest | None:

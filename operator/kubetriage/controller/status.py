@@ -126,37 +126,30 @@ async def write_status_unchanged(rt: Runtime, namespace: str, name: str, status:
     return True
 
 
-async def write_policy_status(rt: Runtime, namespace: str, name: str, status: TriagePolicyStatus) -> bool:
-    """One merge patch of a TriagePolicy's /status; False when the policy is gone (deleted meanwhile)."""
+async def _patch_if_present(rt: Runtime, path: str, body: dict[str, Any]) -> bool:
+    """A merge patch of an object's /status; False when the object is gone (deleted meanwhile)."""
     try:
-        await rt.kube.merge_patch(triagepolicy_path(namespace, name, status=True), {"status": status.wire()})
+        await rt.kube.merge_patch(path, body)
     except ApiError as exc:
         if exc.status == 404:
             return False
         raise
     return True
+
+
+async def write_policy_status(rt: Runtime, namespace: str, name: str, status: TriagePolicyStatus) -> bool:
+    """One merge patch of a TriagePolicy's /status; False when the policy is gone (deleted meanwhile)."""
+    return await _patch_if_present(rt, triagepolicy_path(namespace, name, status=True), {"status": status.wire()})
 
 
 async def write_rule_status(rt: Runtime, namespace: str, name: str, status: TriageRuleStatus) -> bool:
     """One merge patch of a TriageRule's /status; False when the rule is gone (deleted meanwhile)."""
-    try:
-        await rt.kube.merge_patch(triagerule_path(namespace, name, status=True), {"status": status.wire()})
-    except ApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    return await _patch_if_present(rt, triagerule_path(namespace, name, status=True), {"status": status.wire()})
 
 
 async def write_pool_status(rt: Runtime, namespace: str, name: str, status: TriagePoolStatus) -> bool:
     """One merge patch of a TriagePool's /status (the fields set on ``status``); False when the pool is gone."""
-    try:
-        await rt.kube.merge_patch(triagepool_path(namespace, name, status=True), {"status": status.wire()})
-    except ApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    return await _patch_if_present(rt, triagepool_path(namespace, name, status=True), {"status": status.wire()})
 
 
 # --------------------------------------------------------------------------- the verdict record
